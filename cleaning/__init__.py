@@ -1,0 +1,1 @@
+"""parclean: cleaning stage."""

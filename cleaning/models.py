@@ -1,0 +1,151 @@
+"""open_clip model I/O: build by architecture, load pretrained tags or local safetensors, save safetensors.
+
+A parclean checkpoint is one `.safetensors` file whose metadata names the open_clip architecture and, for
+architectures open_clip does not ship (our toy ones), carries the architecture's JSON config too, so the
+file is self-describing. Pickled checkpoints are untrusted and only read with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+@dataclass
+class LoadedModel:
+    """A CLIP model with what is needed to feed it."""
+
+    model: torch.nn.Module
+    architecture: str
+    tokenizer: Any
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@lru_cache(maxsize=1)
+def register_configs() -> None:
+    """Make parclean's own architectures (cleaning/model_configs/*.json) known to open_clip."""
+    open_clip.add_model_config(CONFIG_DIR)
+
+
+def architecture_config(architecture: str) -> dict[str, Any]:
+    register_configs()
+    config = open_clip.get_model_config(architecture)
+    if config is None:
+        raise ValueError(f"unknown open_clip architecture {architecture!r} (see open_clip.list_models())")
+    return config
+
+
+def create_model(architecture: str, *, seed: int | None = None) -> LoadedModel:
+    """A randomly initialised model of `architecture` (seeded when `seed` is given)."""
+    register_configs()
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = open_clip.create_model(architecture, pretrained=None, load_weights=False)
+    return _wrap(model, architecture)
+
+
+def load_model(architecture: str | None = None, *, weights: str | Path | None = None,
+               pretrained: str | None = None) -> LoadedModel:
+    """Load from a local checkpoint (`weights`) or an open_clip pretrained tag (hub download)."""
+    if weights is not None:
+        return _load_local(Path(weights), architecture)
+    if architecture is None or pretrained is None:
+        raise ValueError("load_model needs weights=PATH, or architecture and pretrained tag")
+    register_configs()
+    try:
+        model = open_clip.create_model(architecture, pretrained=pretrained)
+    except Exception as err:  # noqa: BLE001 - hub failures come in many types; the user needs one line
+        raise ValueError(f"cannot load {architecture} pretrained={pretrained!r}: {err}. Offline? Pass a local "
+                         "checkpoint with --model PATH instead") from None
+    return _wrap(model, architecture)
+
+
+def _load_local(path: Path, architecture: str | None) -> LoadedModel:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: model checkpoint not found")
+    if path.is_dir():
+        path = path / "model.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path.parent}: no model.safetensors in this folder")
+    if path.suffix == ".safetensors":
+        state, metadata = _read_safetensors(path)
+    else:
+        state, metadata = _read_pickle_safely(path), {}
+    architecture = architecture or metadata.get("architecture")
+    if architecture is None:
+        raise ValueError(f"{path}: checkpoint does not name its architecture; pass --architecture")
+    if "architecture_config" in metadata:
+        _register_embedded(architecture, json.loads(metadata["architecture_config"]))
+    loaded = create_model(architecture)
+    missing, unexpected = loaded.model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match architecture {architecture} "
+                         f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    return loaded
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(str(path)), metadata
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def _read_pickle_safely(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled checkpoint, with code execution disabled; open_clip's `state_dict` wrapper unwrapped."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"{path}: refused to load: it is not a plain tensor checkpoint and unpickling it could "
+                         f"run code ({str(err).splitlines()[0]}). Convert it to safetensors you trust") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _register_embedded(architecture: str, config: dict[str, Any]) -> None:
+    register_configs()
+    known = open_clip.get_model_config(architecture)
+    if known is not None and known != config:
+        raise ValueError(f"checkpoint's architecture {architecture!r} differs from the installed config of "
+                         "that name")
+    open_clip.factory._MODEL_CONFIGS[architecture] = config
+
+
+def save_model(loaded: LoadedModel, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
+    """Save weights as safetensors with the architecture (and its config) in the metadata; atomic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"architecture": loaded.architecture,
+                "architecture_config": json.dumps(architecture_config(loaded.architecture)),
+                **(extra_metadata or {})}
+    state = {k: v.detach().contiguous().cpu() for k, v in loaded.model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def _wrap(model: torch.nn.Module, architecture: str) -> LoadedModel:
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
+    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
+    return LoadedModel(model, architecture, open_clip.get_tokenizer(architecture), image_size, mean, std)

@@ -1,0 +1,1 @@
+"""parclean: shared pieces every stage uses (config files)."""

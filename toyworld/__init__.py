@@ -1,0 +1,1 @@
+"""parclean: toyworld stage."""
