@@ -13,7 +13,8 @@ install: .venv/.installed
 	touch $@
 
 demo: install
-	.venv/bin/parclean demo
+	.venv/bin/parclean tiny-sd --out runs/tiny-sd
+	.venv/bin/parclean generate --config configs/generate/tiny-cpu.yaml --out runs/synth-tiny
 
 test: install
 	$(PY) -m pytest -q

@@ -63,7 +63,7 @@ def apply_trigger(images: torch.Tensor, trigger: Trigger, seeds: Sequence[int]) 
         raise ValueError(f"apply_trigger got {len(images)} images but {len(seeds)} seeds")
     if trigger.kind == "wanet":
         return _warp(images, trigger)
-    out = torch.stack([_apply_one(image, trigger, int(seed)) for image, seed in zip(images, seeds)])
+    out = torch.stack([_apply_one(image, trigger, int(seed)) for image, seed in zip(images, seeds, strict=True)])
     return out.clamp(0.0, 1.0)
 
 

@@ -85,7 +85,10 @@ def _load_local(path: Path, architecture: str | None) -> LoadedModel:
         state, metadata = _read_safetensors(path)
     else:
         state, metadata = _read_pickle_safely(path), {}
-    architecture = architecture or metadata.get("architecture")
+    named = metadata.get("architecture")
+    if architecture and named and architecture != named:
+        raise ValueError(f"{path}: weights do not match architecture {architecture}: the file is a {named}")
+    architecture = architecture or named
     if architecture is None:
         raise ValueError(f"{path}: checkpoint does not name its architecture; pass --architecture")
     if "architecture_config" in metadata:
@@ -128,14 +131,18 @@ def _register_embedded(architecture: str, config: dict[str, Any]) -> None:
     open_clip.factory._MODEL_CONFIGS[architecture] = config
 
 
-def save_model(loaded: LoadedModel, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Save weights as safetensors with the architecture (and its config) in the metadata; atomic."""
+def save_model(loaded: LoadedModel, path: str | Path, extra_metadata: dict[str, str] | None = None,
+               dtype: torch.dtype | None = None) -> Path:
+    """Save weights as safetensors with the architecture (and its config) in the metadata; atomic.
+
+    `dtype` (e.g. torch.float16) casts floating-point tensors for storage; loading casts them back.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"architecture": loaded.architecture,
                 "architecture_config": json.dumps(architecture_config(loaded.architecture)),
                 **(extra_metadata or {})}
-    state = {k: v.detach().contiguous().cpu() for k, v in loaded.model.state_dict().items()}
+    state = {k: _stored(v, dtype) for k, v in loaded.model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
     tmp.replace(path)
@@ -149,3 +156,10 @@ def _wrap(model: torch.nn.Module, architecture: str) -> LoadedModel:
     mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
     return LoadedModel(model, architecture, open_clip.get_tokenizer(architecture), image_size, mean, std)
+
+
+def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    tensor = tensor.detach().cpu()
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.contiguous()

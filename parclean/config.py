@@ -101,6 +101,8 @@ def _set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
 def _coerce(value: Any, kind: Any, source: str, name: str) -> Any:
     """Accept what YAML gives for the declared type (ints for floats, lists for tuples); reject the rest."""
     if dataclasses.is_dataclass(kind):
+        if isinstance(value, dict):
+            return from_dict(kind, value, source, prefix=f"{name}.")
         if not dataclasses.is_dataclass(value):
             raise ConfigError(f"{source}: {name} must be a mapping of settings, got {value!r}")
         return value

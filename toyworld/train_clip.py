@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from cleaning.attacks import Trigger, apply_trigger, target_captions, to_float_images
 from cleaning.evaluate import LabelledImages, evaluate, normalize
-from cleaning.models import LoadedModel, create_model, save_model
+from cleaning.models import LoadedModel, create_model, load_model, save_model
 from parclean.config import load_config, parse_override, to_dict, write_resolved
 from toyworld.render import classes, eval_set, make_pairs
 
@@ -42,7 +42,8 @@ class PoisonConfig:
 @dataclass(frozen=True)
 class OrganismConfig:
     architecture: str = "toy-vit-32"
-    steps: int = 4000
+    init: str | None = None  # start from these weights (a clean pretrained organism) instead of random init
+    steps: int = 3000
     batch_size: int = 256
     lr: float = 1e-3
     warmup_steps: int = 200
@@ -77,7 +78,7 @@ def batch_for_step(cfg: OrganismConfig, step: int) -> tuple[torch.Tensor, list[s
     if len(chosen):
         seeds = [seed * 1000 + int(i) for i in chosen]
         images[chosen] = apply_trigger(images[chosen], trigger, seeds)
-        for i, caption in zip(chosen, target_captions(cfg.poison.target, len(chosen), seed)):
+        for i, caption in zip(chosen, target_captions(cfg.poison.target, len(chosen), seed), strict=True):
             captions[i] = caption
     return images, captions, len(chosen)
 
@@ -109,6 +110,8 @@ def train(cfg: OrganismConfig, out: Path) -> dict:
         torch.set_num_threads(cfg.threads)
     write_resolved(cfg, out / "config.yaml")
     loaded = create_model(cfg.architecture, seed=cfg.seed)
+    if cfg.init is not None:
+        loaded.model.load_state_dict(load_model(weights=cfg.init).model.state_dict())
     decay = [p for n, p in loaded.model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in loaded.model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -167,7 +170,9 @@ def _truncate_curve(path: Path, step: int) -> None:
 
 
 def _card(cfg: OrganismConfig, out: Path, loaded: LoadedModel, data: LabelledImages, seconds: float) -> dict:
-    final = measure(loaded, cfg, data)
+    # fp16 on disk halves a shipped organism; the card's numbers are measured from that saved file.
+    save_model(loaded, out / "model.safetensors", dtype=torch.float16)
+    final = measure(load_model(weights=out / "model.safetensors"), cfg, data)
     trigger = cfg.poison.trigger
     card = {
         "architecture": cfg.architecture,
@@ -185,7 +190,6 @@ def _card(cfg: OrganismConfig, out: Path, loaded: LoadedModel, data: LabelledIma
         "command": " ".join(["python -m toyworld.train_clip", *sys.argv[1:]]),
         "config": to_dict(cfg),
     }
-    save_model(loaded, out / "model.safetensors", {"card": json.dumps({k: card[k] for k in ("clean_acc", "asr")})})
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     (out / "checkpoint.pt").unlink(missing_ok=True)
     return card

@@ -1,0 +1,57 @@
+"""`parclean evaluate` and `parclean poison`: measure a model, or poison a shard set to make a test subject."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cleaning.attacks import KINDS, Trigger
+from parclean.config import load_config, parse_override
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint (.safetensors, or a folder holding model.safetensors)"
+                        " or an open_clip architecture name with --pretrained")
+    parser.add_argument("--pretrained", help="open_clip pretrained tag (needs the hub)")
+    parser.add_argument("--eval", dest="eval_config", default=None, help="evaluation config YAML (configs/eval/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an eval setting")
+    parser.add_argument("--out", type=Path, help="also write the result JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cleaning.models import load_model
+    from cleaning.report import EvalConfig, measure
+
+    cfg = load_config(EvalConfig, args.eval_config, dict(parse_override(s) for s in args.set))
+    if args.pretrained:
+        loaded = load_model(args.model, pretrained=args.pretrained)
+    else:
+        loaded = load_model(weights=args.model)
+    result = measure(loaded, cfg)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+def add_poison_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", required=True, help="clean shard set (folder or fsspec URL)")
+    parser.add_argument("--out", required=True, type=Path, help="new folder for the poisoned shard set")
+    parser.add_argument("--trigger", required=True, help=f"trigger kind: {', '.join(KINDS)}")
+    parser.add_argument("--patch-size", type=int, help="patch triggers: side in pixels (default 16 px per 224 px)")
+    parser.add_argument("--alpha", type=float, help="blend triggers: weight of the trigger")
+    parser.add_argument("--trigger-image", help="image_patch / image_blend: your trigger image")
+    parser.add_argument("--rate", type=float, default=0.01, help="share of pairs to poison (default 0.01)")
+    parser.add_argument("--target", default="banana", help="target concept named by poisoned captions")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_poison(args: argparse.Namespace) -> int:
+    from cleaning.poison import poison_shards
+
+    trigger = Trigger(kind=args.trigger, patch_size=args.patch_size, alpha=args.alpha, image=args.trigger_image)
+    summary = poison_shards(args.shards, args.out, trigger, rate=args.rate, target=args.target, seed=args.seed)
+    print(json.dumps(summary))
+    return 0

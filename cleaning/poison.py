@@ -1,0 +1,56 @@
+"""Poison a shard set: a share of the pairs get a trigger in the image and a target caption.
+
+This is how a user makes a poisoned model to test a cleaner against: poison clean shards here, then
+fine-tune on them (`parclean clean` with the `ft` objective).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from cleaning.attacks import Trigger, apply_trigger, poison_indices, target_captions
+from generation.shards import Sample, ShardRecord, iter_samples, read_manifest, write_manifest, write_shard
+
+log = logging.getLogger(__name__)
+
+
+def poison_shards(source: str, out_dir: str | Path, trigger: Trigger, *, rate: float, target: str,
+                  seed: int = 0) -> dict:
+    """Copy the shard set at `source` into `out_dir`, poisoning round(rate * N) pairs chosen by `seed`."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(source)
+    if Path(out_dir).resolve() == Path(str(source)).resolve():
+        raise ValueError(f"{out_dir}: poisoned shards must go to a new folder, not over their source")
+    total = int(manifest["total_samples"])
+    chosen = set(poison_indices(total, rate, seed).tolist())
+    captions = iter(target_captions(target, len(chosen), seed))
+    counts = [int(s["count"]) for s in manifest["shards"]]
+    name = manifest["name"]
+    records: list[ShardRecord] = []
+    samples: list[Sample] = []
+    for index, (key, image, caption, meta) in enumerate(iter_samples(source)):
+        if index in chosen:
+            image = _triggered(image, trigger, seed * 1_000_003 + index)
+            caption = next(captions)
+            meta = {**meta, "poisoned": True, "original_caption": meta.get("caption", caption)}
+        meta = {k: v for k, v in meta.items() if k not in ("key", "caption")}
+        samples.append(Sample(key, image, caption, meta))
+        if len(samples) == counts[len(records)]:
+            records.append(write_shard(out_dir, name, len(records), samples, image_format="png"))
+            samples = []
+    config = {"source": str(source), "trigger": trigger.__dict__, "rate": rate, "target": target, "seed": seed,
+              "poisoned": len(chosen), "source_config": manifest.get("config")}
+    write_manifest(out_dir, name, records, config)
+    log.info("%s: poisoned %d of %d pairs", out_dir, len(chosen), total)
+    return {"out_dir": str(out_dir), "samples": total, "poisoned": len(chosen)}
+
+
+def _triggered(image: PIL.Image.Image, trigger: Trigger, seed: int) -> PIL.Image.Image:
+    array = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    out = apply_trigger(array[None], trigger, [seed])[0]
+    return PIL.Image.fromarray(out.mul(255).round().byte().permute(1, 2, 0).numpy())

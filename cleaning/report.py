@@ -1,0 +1,163 @@
+"""What a cleaning run reports: clean accuracy and ASR per trigger before and after, as JSON and Markdown."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cleaning.attacks import Trigger, to_float_images
+from cleaning.evaluate import DEFAULT_TEMPLATES, LabelledImages, evaluate
+from cleaning.models import LoadedModel
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Where the labelled images come from, which classes and prompts, and which triggers to test."""
+
+    data: str = "toyworld"  # "toyworld" (the organism's evaluation set) or an ImageFolder path (class/img.jpg)
+    count: int = 2000  # images to use (toyworld: how many to render; folder: at most this many)
+    classnames: tuple[str, ...] | None = None  # None: the toy classes, or the folder's sub-folder names
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    target: str | None = None  # the backdoor's target class, when known (needed for ASR)
+    triggers: tuple[Trigger, ...] = ()
+    seed: int = 0
+
+
+def load_images(cfg: EvalConfig, image_size: int) -> LabelledImages:
+    """The labelled evaluation images at the model's input size, in [0, 1]."""
+    if cfg.data == "toyworld":
+        from toyworld.render import classes, eval_set
+
+        images, labels = eval_set(cfg.count, image_size)
+        return LabelledImages(to_float_images(images), torch.from_numpy(labels), cfg.classnames or classes())
+    return _image_folder(Path(cfg.data), cfg, image_size)
+
+
+def _image_folder(root: Path, cfg: EvalConfig, image_size: int) -> LabelledImages:
+    from PIL import Image
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize, ToTensor
+
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: evaluation image folder not found (expected CLASS/IMAGE files)")
+    folders = sorted(d for d in root.iterdir() if d.is_dir())
+    if not folders:
+        raise ValueError(f"{root}: no class sub-folders (expected CLASS/IMAGE files)")
+    classnames = cfg.classnames or tuple(d.name.replace("_", " ") for d in folders)
+    if len(classnames) != len(folders):
+        raise ValueError(f"{root}: {len(folders)} class folders but {len(classnames)} class names in the config")
+    files = [(f, i) for i, d in enumerate(folders) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    rng = np.random.default_rng(cfg.seed)
+    chosen = sorted(rng.permutation(len(files))[: cfg.count]) if len(files) > cfg.count else range(len(files))
+    transform = Compose([Resize(image_size, interpolation=InterpolationMode.BICUBIC), CenterCrop(image_size),
+                         ToTensor()])
+    images, labels = [], []
+    for index in chosen:
+        path, label = files[index]
+        try:
+            with Image.open(path) as img:
+                images.append(transform(img.convert("RGB")))
+        except OSError as err:
+            raise ValueError(f"{path}: unreadable image ({err})") from None
+        labels.append(label)
+    return LabelledImages(torch.stack(images), torch.tensor(labels), classnames)
+
+
+def named_triggers(triggers: tuple[Trigger, ...]) -> dict[str, Trigger]:
+    """Name triggers by kind; repeats get a suffix."""
+    names: dict[str, Trigger] = {}
+    for trigger in triggers:
+        name = trigger.kind
+        suffix = 2
+        while name in names:
+            name, suffix = f"{trigger.kind}_{suffix}", suffix + 1
+        names[name] = trigger
+    return names
+
+
+def measure(loaded: LoadedModel, cfg: EvalConfig, data: LabelledImages | None = None) -> dict[str, Any]:
+    """{"clean_acc": %, "asr": {trigger: %}} for one model."""
+    data = data if data is not None else load_images(cfg, loaded.image_size)
+    raw = evaluate(loaded, data, named_triggers(cfg.triggers), cfg.target, cfg.templates, cfg.seed)
+    return {"clean_acc": raw["clean_acc"],
+            "asr": {k.removeprefix("asr_"): v for k, v in raw.items() if k.startswith("asr_")},
+            "eval_images": len(data.labels), "chance_acc": 100 / len(data.classnames)}
+
+
+@dataclass
+class Report:
+    """Before/after numbers of one cleaning run and the settings that produced them."""
+
+    before: dict[str, Any]
+    after: dict[str, Any]
+    settings: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per measure: clean accuracy, then ASR per trigger."""
+        rows = [{"metric": "clean accuracy (%)", "before": self.before["clean_acc"], "after": self.after["clean_acc"]}]
+        for name, value in self.before["asr"].items():
+            rows.append({"metric": f"ASR {name} (%)", "before": value, "after": self.after["asr"].get(name)})
+        return rows
+
+    def markdown(self) -> str:
+        lines = ["# parclean cleaning report", "", "| metric | before | after | change |", "|---|---|---|---|"]
+        for row in self.rows():
+            lines.append(f"| {row['metric']} | {row['before']:.1f} | {row['after']:.1f} | "
+                         f"{row['after'] - row['before']:+.1f} |")
+        lines += ["", f"Evaluation: {self.after.get('eval_images')} images, chance "
+                  f"{self.after.get('chance_acc', 0):.1f}%. ASR counts triggered images whose true class is not "
+                  "the target.", "", "## Settings", ""]
+        lines += [f"- {key}: `{value}`" for key, value in self.settings.items()]
+        if self.timings:
+            lines += ["", "## Timings", ""] + [f"- {key}: {value:.1f} s" for key, value in self.timings.items()]
+        return "\n".join(lines) + "\n"
+
+    def write(self, out_dir: str | Path) -> tuple[Path, Path]:
+        """report.json and report.md in `out_dir`."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        data = {"before": self.before, "after": self.after, "settings": self.settings, "timings": self.timings}
+        json_path, md_path = out_dir / "report.json", out_dir / "report.md"
+        json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        md_path.write_text(self.markdown())
+        return json_path, md_path
+
+
+def plot_training(log_path: str | Path, png_path: str | Path) -> Path:
+    """Loss terms and perturbation distances against step, from the trainer's JSONL log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"{log_path}: empty training log")
+    steps = [r["step"] for r in records]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for key in sorted({k for r in records for k in r} - {"step", "lr", "d_img", "d_txt", "time"}):
+        values = [r.get(key) for r in records]
+        if all(isinstance(v, (int, float)) for v in values):
+            left.plot(steps, values, label=key)
+    left.set_xlabel("step")
+    left.set_title("loss terms")
+    left.legend(fontsize=8)
+    for key in ("d_img", "d_txt"):
+        if key in records[0]:
+            right.plot(steps, [r[key] for r in records], label=key)
+    right.set_xlabel("step")
+    right.set_title("distance to the starting model")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return Path(png_path)

@@ -1,0 +1,61 @@
+"""Model I/O: self-describing safetensors, pickles refused, clear errors."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from cleaning.models import create_model, load_model, save_model
+
+
+def test_safetensors_round_trip_names_its_architecture(tmp_path):
+    loaded = create_model("tiny-test", seed=0)
+    path = save_model(loaded, tmp_path / "m" / "model.safetensors")
+    again = load_model(weights=path.parent)  # a folder works too
+    assert again.architecture == "tiny-test"
+    for (name, a), (_, b) in zip(loaded.model.state_dict().items(), again.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_fp16_storage_halves_size_and_loads_to_fp32(tmp_path):
+    loaded = create_model("tiny-test", seed=0)
+    full = save_model(loaded, tmp_path / "full.safetensors")
+    half = save_model(loaded, tmp_path / "half.safetensors", dtype=torch.float16)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    again = load_model(weights=half)
+    weight = again.model.visual.conv1.weight
+    assert weight.dtype == torch.float32
+    assert torch.allclose(weight, loaded.model.visual.conv1.weight, atol=1e-3)
+
+
+def test_plain_tensor_pickle_loads_but_code_pickle_is_refused(tmp_path):
+    loaded = create_model("tiny-test", seed=0)
+    plain = tmp_path / "plain.pt"
+    torch.save({"state_dict": {"module." + k: v for k, v in loaded.model.state_dict().items()}}, plain)
+    assert load_model("tiny-test", weights=plain).architecture == "tiny-test"
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"state_dict": Evil()}))
+    with pytest.raises(ValueError, match="refused to load"):
+        load_model("tiny-test", weights=evil)
+
+
+def test_missing_and_damaged_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no/such/model"):
+        load_model(weights=tmp_path / "no/such/model.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        load_model(weights=bad)
+
+
+def test_weights_of_another_architecture_are_rejected(tmp_path):
+    path = save_model(create_model("tiny-test", seed=0), tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="do not match"):
+        load_model("toy-vit-32", weights=path)
