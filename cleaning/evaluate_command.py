@@ -11,8 +11,8 @@ from parclean.config import load_config, parse_override
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint (.safetensors, or a folder holding model.safetensors)"
-                        " or an open_clip architecture name with --pretrained")
+    parser.add_argument("--model", required=True, help="checkpoint (.safetensors, or a folder holding "
+                        "model.safetensors), or an open_clip architecture name with --pretrained")
     parser.add_argument("--pretrained", help="open_clip pretrained tag (needs the hub)")
     parser.add_argument("--eval", dest="eval_config", default=None, help="evaluation config YAML (configs/eval/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an eval setting")

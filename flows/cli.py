@@ -18,6 +18,14 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
                  "zero-shot clean accuracy and attack success rate of a CLIP checkpoint"),
     "poison": ("cleaning.evaluate_command", "add_poison_arguments", "run_poison",
                "poison a shard set with a trigger (to make a model to test a cleaner against)"),
+    "clean": ("cleaning.command", "add_arguments", "run",
+              "clean a CLIP checkpoint with PAR (or the FT / CleanCLIP baselines) on a shard set"),
+    "run": ("flows.serve", "add_run_arguments", "run_once",
+            "run the data-free pipeline once as a Prefect flow: generate, clean, evaluate, report"),
+    "serve": ("flows.serve", "add_arguments", "run",
+              "serve the data-free pipeline as a Prefect deployment on the config's cron schedule"),
+    "demo": ("flows.demo", "add_arguments", "run",
+             "the whole pipeline offline on the CPU: toy SD -> PAR cleans the BadNet toy CLIP -> report"),
 }
 
 

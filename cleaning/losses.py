@@ -1,0 +1,112 @@
+"""Losses for cleaning a CLIP model: CLIP (FT), PAR (Perturb and Recover) and CleanCLIP.
+
+All functions take L2-normalised features. In a multi-process run, gather them first with `gather_features`
+(keeps the gradient) so that every process computes the loss of the whole global batch: the contrastive loss
+sees every negative, and PAR's distances and their cap are global batch means, as in the official code
+(nmndeep/PerturbAndRecover, losses.py, which gathers with `torch.distributed.nn.all_gather`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.distributed.nn.functional import all_gather
+
+# PAR's threshold tau on the squared embedding distance: official train.py `--loss-thresh` default 2.15, used
+# for every encoder (trigger.sh changes only --model). The paper (arXiv 2412.00727, method section) writes
+# L_PAR = L_CLIP - L_PERT with L_PERT capped at tau; its text was not reachable here to quote a section number.
+DEFAULT_TAU = 2.15
+# CleanCLIP's weights of the cross-modal and the in-modal term (Bansal et al. 2023, ICCV:
+# L = lambda1 * L_CLIP + lambda2 * L_SS, lambda1 = lambda2 = 1 by default; official nishadsinghi/CleanCLIP
+# src/parser.py `--clip_weight 1 --inmodal_weight 1`).
+DEFAULT_CLIP_WEIGHT = 1.0
+DEFAULT_INMODAL_WEIGHT = 1.0
+
+# torch 2.14 marks this all_gather deprecated in favour of a private module (_functional_collectives); it is the
+# public autograd-aware gather (its backward sums every process's gradient), so keep it and silence the notice.
+warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated",
+                        category=FutureWarning)
+
+
+def gather_features(features: Tensor) -> Tensor:
+    """Rows of every process concatenated in rank order, with a gradient path back to this process's rows.
+
+    Every process then computes the same global loss; the all-gather's backward sums the gradient of all
+    processes for each process's rows (world_size x the true gradient), and DDP's averaging over processes
+    divides it out again, so the update equals that of one process holding the whole batch.
+    Identity when not distributed.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features
+    return torch.cat(all_gather(features), dim=0)
+
+
+def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: float | Tensor) -> Tensor:
+    """Symmetric InfoNCE: mean of image->text and text->image cross-entropy, pair i being the positive of row i."""
+    logits = logit_scale * image_features @ text_features.T
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def perturbation_distance(features: Tensor, reference_features: Tensor) -> Tensor:
+    """Mean over the batch of the squared L2 distance, summed over the embedding (2 - 2 cos on unit vectors)."""
+    if features.shape != reference_features.shape:
+        raise ValueError(f"features {tuple(features.shape)} and reference {tuple(reference_features.shape)} differ")
+    return (features - reference_features).pow(2).sum(dim=-1).mean()
+
+
+def capped(d: Tensor, tau: float) -> Tensor:
+    """T(d) = d when d <= tau, else exactly 0 (value and gradient dropped): the official threshold on the batch mean."""
+    return torch.where(d <= tau, d, torch.zeros_like(d))
+
+
+def par_loss(image_features: Tensor, text_features: Tensor, reference_image_features: Tensor,
+             reference_text_features: Tensor, logit_scale: float | Tensor,
+             tau: float = DEFAULT_TAU) -> tuple[Tensor, dict[str, Tensor]]:
+    """L_PAR = L_CLIP - L_PERT with L_PERT = 0.5 * (T(d_img) + T(d_txt)); returns (total, detached terms).
+
+    The weight 0.5 and the cap of each modality's batch mean at tau follow the official losses.py
+    (`loss_sum = lossclip - 0.5 * (img_loss + text_loss)`, each thresholded to 0 above `loss_thresh`).
+    """
+    clip = clip_loss(image_features, text_features, logit_scale)
+    d_img = perturbation_distance(image_features, reference_image_features)
+    d_txt = perturbation_distance(text_features, reference_text_features)
+    pert = 0.5 * (capped(d_img, tau) + capped(d_txt, tau))
+    total = clip - pert
+    terms = {"clip": clip, "d_img": d_img, "d_txt": d_txt, "pert": pert}
+    return total, {name: value.detach() for name, value in terms.items()}
+
+
+def ft_loss(image_features: Tensor, text_features: Tensor,
+            logit_scale: float | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Plain fine-tuning (the FT baseline): L_CLIP alone; returns (total, detached terms)."""
+    clip = clip_loss(image_features, text_features, logit_scale)
+    return clip, {"clip": clip.detach()}
+
+
+def inmodal_loss(features: Tensor, augmented_features: Tensor, logit_scale: float | Tensor) -> Tensor:
+    """One modality's self-supervised InfoNCE: row i (original view) against all augmented views, i positive."""
+    logits = logit_scale * features @ augmented_features.T
+    return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+
+
+def cleanclip_loss(image_features: Tensor, text_features: Tensor, augmented_image_features: Tensor,
+                   augmented_text_features: Tensor, logit_scale: float | Tensor,
+                   clip_weight: float = DEFAULT_CLIP_WEIGHT,
+                   inmodal_weight: float = DEFAULT_INMODAL_WEIGHT) -> tuple[Tensor, dict[str, Tensor]]:
+    """CleanCLIP: lambda1 * L_CLIP(original views) + lambda2 * (L_ss(images) + L_ss(texts)) / 2.
+
+    As in the official CleanCLIP src/train.py: the cross-modal loss pairs the original views, and each in-modal
+    loss is one cross-entropy of original rows against augmented columns, the two averaged.
+    """
+    clip = clip_loss(image_features, text_features, logit_scale)
+    inmodal_img = inmodal_loss(image_features, augmented_image_features, logit_scale)
+    inmodal_txt = inmodal_loss(text_features, augmented_text_features, logit_scale)
+    inmodal = (inmodal_img + inmodal_txt) / 2
+    total = clip_weight * clip + inmodal_weight * inmodal
+    terms = {"clip": clip, "inmodal_img": inmodal_img, "inmodal_txt": inmodal_txt, "inmodal": inmodal}
+    return total, {name: value.detach() for name, value in terms.items()}

@@ -1,0 +1,453 @@
+"""The cleaning trainer: PAR (Perturb and Recover), and the FT and CleanCLIP baselines, in one Accelerate loop.
+
+    parclean clean --config configs/clean/toy-cpu.yaml --model MODEL --shards DIR --out DIR
+    accelerate launch --multi_gpu --num_processes 4 -m cleaning.train --config configs/clean/vit-b-32.yaml ...
+
+One readable loop (`clean`): every process holds a slice of the global batch; features are gathered with their
+gradient so the loss is the global batch's (losses.py), and Accelerate/DDP averages the gradients. A rerun of
+the same --out resumes from the latest checkpoint exactly. docs/cleaning.md describes the loss, the settings
+and every deviation from the official code (nmndeep/PerturbAndRecover).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
+
+from cleaning.augment import cleanclip_image_view, cleanclip_text_view, normalise, par_augment
+from cleaning.losses import (
+    DEFAULT_CLIP_WEIGHT,
+    DEFAULT_INMODAL_WEIGHT,
+    DEFAULT_TAU,
+    cleanclip_loss,
+    ft_loss,
+    gather_features,
+    par_loss,
+)
+from cleaning.models import LoadedModel, load_model, save_model
+from parclean.config import to_dict, write_resolved
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("par", "ft", "cleanclip")
+SCHEDULES = ("official", "cosine", "constant")
+PRECISIONS = ("no", "fp16", "bf16")
+CHECKPOINTS = "checkpoints"
+LOG_NAME = "train_log.jsonl"
+# Settings a rerun may change and still resume; any other change needs a new --out.
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "threads", "data.num_workers", "data.on_error"}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the clean pairs come from and how they are read (cleaning/data.py)."""
+
+    shards: str | None = None  # shard set folder or URL; --shards overrides
+    num_workers: int = 0
+    on_error: str = "fail"  # fail | skip: damaged shards or samples
+    shuffle_buffer: int = 2000
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    """One cleaning recipe. Defaults: the paper's ViT-B/32 recipe (official trigger.sh and train.py)."""
+
+    objective: str = "par"  # par | ft | cleanclip
+    tau: float = DEFAULT_TAU  # PAR's cap on each modality's mean squared embedding distance
+    steps: int = 244  # optimizer steps (official: 2 epochs of 250k pairs at 4 x 512 = 122 steps per epoch)
+    batch_size: int = 2048  # global contrastive batch per step: all processes and micro-batches together
+    grad_accum: int = 1  # micro-batches per step and process; the loss still sees the whole batch (feature cache)
+    lr: float = 3e-5  # the first step's lr ("official": official --lr-start; "cosine": the peak)
+    lr_end: float = 1e-9  # the last lr (official --lr-end)
+    schedule: str = "official"  # official | cosine | constant
+    linear_fraction: float = 0.5  # official: share of steps for the linear phase (official --warmup-epochs 0.5 * 2)
+    linear_to: float = 0.1  # official: the linear phase ends at lr * linear_to (3e-5 -> 3e-6, official --lr)
+    warmup_steps: int = 0  # cosine: linear warm-up from 0 to lr
+    weight_decay: float = 1e-4  # not on gains, biases, norms or the (frozen) logit scale
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    mixed_precision: str = "no"  # no | fp16 | bf16 (official: fp16 autocast with a GradScaler)
+    augment: bool = True  # PAR's augmentation for par and ft (cleanclip always builds its two views)
+    clip_weight: float = DEFAULT_CLIP_WEIGHT  # cleanclip: lambda1
+    inmodal_weight: float = DEFAULT_INMODAL_WEIGHT  # cleanclip: lambda2
+    checkpoint_every: int = 100  # steps; the last step is always checkpointed
+    keep_checkpoints: int = 2
+    seed: int = 0
+    threads: int = 0  # torch CPU threads per process; 0: torch's default (1 is faster on a busy CPU)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        for name, value, options in (("objective", self.objective, OBJECTIVES), ("schedule", self.schedule, SCHEDULES),
+                                     ("mixed_precision", self.mixed_precision, PRECISIONS),
+                                     ("data.on_error", self.data.on_error, ("fail", "skip"))):
+            if value not in options:
+                raise ValueError(f"{name}={value!r}: use one of {', '.join(options)}")
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be at least 1")
+        if self.threads < 0:
+            raise ValueError(f"threads={self.threads} must be 0 (torch's default) or more")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or self.lr_end < 0 or self.tau <= 0:
+            raise ValueError(f"lr={self.lr}, lr_end={self.lr_end}, tau={self.tau}: lr and tau must be positive, "
+                             "lr_end non-negative")
+        if not 0 < self.linear_fraction < 1 or not 0 < self.linear_to <= 1:
+            raise ValueError(f"linear_fraction={self.linear_fraction} must be in (0, 1), linear_to={self.linear_to} "
+                             "in (0, 1]")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be below steps={self.steps}")
+
+
+def learning_rate(cfg: CleanConfig, step: int) -> float:
+    """The lr of step `step` (0-based)."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "official":
+        # Official utils.cosine_scheduler: np.linspace(lr_start, lr, n1) over the first epoch, then cosine from
+        # lr to lr_end over the rest (train.py: warmup_epochs = 0.5 * epochs, start_warmup_value = lr_start).
+        n1 = max(1, int(cfg.linear_fraction * cfg.steps))
+        middle = cfg.lr * cfg.linear_to
+        if step < n1:
+            return cfg.lr + (middle - cfg.lr) * step / max(1, n1 - 1)
+        start, length, top = n1, cfg.steps - n1, middle
+    else:
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        start, length, top = cfg.warmup_steps, cfg.steps - cfg.warmup_steps, cfg.lr
+    progress = min(1.0, (step - start) / max(1, length))
+    return cfg.lr_end + 0.5 * (top - cfg.lr_end) * (1 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices only; none on gains, biases, norms, embeddings' 1-d vectors.
+
+    Official train.py: `p.ndim < 2 or "bias" in n or "ln" in n or "bn" in n` gets no decay; every norm parameter
+    and every bias in open_clip models is 1-d, so `ndim < 2` alone decides. Frozen parameters are left out.
+    """
+    decay, no_decay = [], []
+    for _, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A loss term became NaN or infinite; training stopped before the update."""
+
+
+def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path | None, out_dir: str | Path, *,
+          pretrained: str | None = None, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune `model` on the pairs in `shards` with cfg.objective; write out_dir/model.safetensors.
+
+    `model`: a local checkpoint (file or folder), an architecture name with `pretrained`, or a LoadedModel
+    (trained in place). A rerun with the same out_dir resumes from its latest checkpoint. `stop_after` ends
+    the run after that many steps (checkpointed), as if it had been interrupted there.
+    Returns steps, seconds, samples/s and the final loss terms.
+    """
+    out = Path(out_dir)
+    shards = str(shards or cfg.data.shards or "")
+    if not shards:
+        raise ValueError("no shard set: pass --shards DIR (or set data.shards in the config)")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    local_batch = _local_batch_size(cfg, world)
+    set_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    # The model to clean (train mode, logit scale frozen) and, for PAR, the frozen reference: a second copy of
+    # the same poisoned weights, in eval mode, without gradients.
+    loaded = model if isinstance(model, LoadedModel) else _load(model, pretrained)
+    reference = None
+    if cfg.objective == "par":
+        reference = copy.deepcopy(loaded.model) if isinstance(model, LoadedModel) else _load(model, pretrained).model
+        reference.eval().requires_grad_(False).to(accelerator.device)
+    loaded.model.logit_scale.requires_grad_(False)  # official train.py uses logit_scale.exp().item(): a constant
+    optimizer = torch.optim.AdamW(parameter_groups(loaded.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                  eps=cfg.eps)
+    scheduler = LambdaLR(optimizer, lambda step: learning_rate(cfg, step) / cfg.lr)
+    net, optimizer = accelerator.prepare(loaded.model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # not prepared: Accelerate would step it once per process
+    logit_scale = float(accelerator.unwrap_model(net).logit_scale.exp())
+
+    start = _start_or_resume(accelerator, out, cfg)
+    end = max(start, min(cfg.steps, stop_after if stop_after is not None else cfg.steps))
+    main = accelerator.is_main_process
+    if main:
+        log.info("%s on %d process(es), %s: steps %d..%d of %d, batch %d (%d per process, %d micro-batches)",
+                 cfg.objective, world, accelerator.device, start, end, cfg.steps, cfg.batch_size, local_batch,
+                 cfg.grad_accum)
+    chunks = _chunks(local_batch, cfg.grad_accum)
+    terms: dict[str, float] = {}
+    began = time.perf_counter()
+    net.train()
+    with _batches(cfg, shards, loaded, start, end, rank, world) as stream, \
+            tqdm(total=end, initial=start, desc=f"clean ({cfg.objective})", unit="step",
+                 disable=not (main and progress) or None) as bar:
+        for step in range(start, end):
+            batch = next(stream)
+            views = _views(cfg, loaded, batch.images.to(accelerator.device), batch.tokens.to(accelerator.device),
+                           step, offset=rank * local_batch)
+            with torch.no_grad(), accelerator.autocast():
+                reference_features = None if reference is None else _gathered(
+                    [_encode(reference, views, rows)[0] for rows in chunks])
+                # Gradient accumulation the open_clip way: features of every micro-batch without gradient...
+                cached = [_encode(net, views, rows) for rows in chunks] if len(chunks) > 1 else None
+            for j, rows in enumerate(chunks):
+                # ...then each micro-batch again with gradient, spliced into the cached features, so that every
+                # micro-step's loss is the whole batch's. Gradients are synchronised on the last one only.
+                sync = j == len(chunks) - 1
+                with nullcontext() if sync else accelerator.no_sync(net):
+                    fresh = _encode(net, views, rows)
+                    features = fresh if cached is None else _splice(cached, fresh, j)
+                    total, parts = _objective(cfg, features, reference_features, logit_scale)
+                    terms = {**{name: float(value) for name, value in parts.items()}, "loss": float(total.detach())}
+                    _stop_if_not_finite(step, terms)
+                    accelerator.backward(total)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            if main:
+                _append_log(out, {"step": done, "lr": lr, **terms, "seconds": round(time.perf_counter() - began, 3)})
+                bar.set_postfix({name: f"{value:.4g}" for name, value in terms.items()}, refresh=False)
+                bar.update(1)
+            if done % cfg.checkpoint_every == 0 or done == end:
+                _save_checkpoint(accelerator, out, done, cfg.keep_checkpoints)
+    seconds = time.perf_counter() - began
+
+    result = {"objective": cfg.objective, "steps": end, "steps_run": end - start, "resumed_from": start,
+              "seconds": round(seconds, 3), "samples_per_s": round((end - start) * cfg.batch_size / seconds, 2)
+              if end > start else None, "processes": world, "final": terms, "finished": end == cfg.steps}
+    if main and end == cfg.steps:
+        trained = LoadedModel(accelerator.unwrap_model(net), loaded.architecture, loaded.tokenizer,
+                              loaded.image_size, loaded.mean, loaded.std)
+        metadata = {"cleaning": json.dumps({"objective": cfg.objective, "tau": cfg.tau, "steps": cfg.steps,
+                                            "source": str(model if not isinstance(model, LoadedModel) else "memory"),
+                                            "pretrained": pretrained, "shards": shards})}
+        result["model"] = str(save_model(trained, out / "model.safetensors", extra_metadata=metadata))
+        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+def _load(model: str | Path, pretrained: str | None) -> LoadedModel:
+    if pretrained is not None:
+        return load_model(str(model), pretrained=pretrained)
+    return load_model(weights=model)
+
+
+def _local_batch_size(cfg: CleanConfig, world: int) -> int:
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} does not divide into {world} process(es) x grad_accum "
+                         f"{cfg.grad_accum}: use a multiple of {world * cfg.grad_accum}")
+    return cfg.batch_size // world
+
+
+def _chunks(local_batch: int, grad_accum: int) -> list[slice]:
+    size = local_batch // grad_accum
+    return [slice(i * size, (i + 1) * size) for i in range(grad_accum)]
+
+
+def _batches(cfg: CleanConfig, shards: str, loaded: LoadedModel, start: int, end: int, rank: int,
+             world: int) -> AbstractContextManager[Iterator[Any]]:
+    """This process's batch stream from step `start` (a context manager that stops its workers)."""
+    if start >= end:
+        return nullcontext(iter(()))  # nothing to train: do not open the shard set
+    from cleaning.data import batches  # webdataset and open_clip transforms: imported when data is read
+
+    data = cfg.data
+    return batches(shards, image_size=loaded.image_size, tokenizer=loaded.tokenizer,
+                   global_batch_size=cfg.batch_size, seed=cfg.seed, start_step=start, rank=rank, world_size=world,
+                   num_workers=data.num_workers, on_error=data.on_error, shuffle_buffer=data.shuffle_buffer)
+
+
+# ------------------------------------------------------------------------------------------------ one step
+
+
+def _views(cfg: CleanConfig, loaded: LoadedModel, images: Tensor, tokens: Tensor, step: int,
+           offset: int) -> list[tuple[Tensor, Tensor]]:
+    """Model inputs (normalised images, tokens): one view for par/ft, (original, augmented) for cleanclip."""
+    mean, std = loaded.mean, loaded.std
+    if cfg.objective == "cleanclip":
+        augmented = cleanclip_image_view(images, seed=cfg.seed, step=step, offset=offset)
+        augmented_tokens = cleanclip_text_view(tokens, seed=cfg.seed, step=step, offset=offset)
+        return [(normalise(images, mean, std), tokens), (normalise(augmented, mean, std), augmented_tokens)]
+    if cfg.augment:
+        return [(par_augment(images, mean, std, seed=cfg.seed, step=step, offset=offset), tokens)]
+    return [(normalise(images, mean, std), tokens)]
+
+
+def _encode(model: torch.nn.Module, views: list[tuple[Tensor, Tensor]], rows: slice) -> list[tuple[Tensor, Tensor]]:
+    """Unit image and text features of `rows` of every view, in one forward call (so DDP sees one forward)."""
+    images = torch.cat([image[rows] for image, _ in views])
+    tokens = torch.cat([token[rows] for _, token in views])
+    output = model(image=images, text=tokens)
+    if isinstance(output, dict):  # open_clip models built with output_dict=True
+        output = (output["image_features"], output["text_features"])
+    image_features, text_features = output[0].float().chunk(len(views)), output[1].float().chunk(len(views))
+    return list(zip(image_features, text_features, strict=True))
+
+
+def _splice(cached: list[list[tuple[Tensor, Tensor]]], fresh: list[tuple[Tensor, Tensor]],
+            j: int) -> list[tuple[Tensor, Tensor]]:
+    """Per view, the features of all micro-batches in order, micro-batch j's with gradient."""
+    chunks = [fresh if i == j else part for i, part in enumerate(cached)]
+    return [(torch.cat([c[v][0] for c in chunks]), torch.cat([c[v][1] for c in chunks])) for v in range(len(fresh))]
+
+
+def _gathered(per_chunk: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """One view's (image, text) features over all micro-batches and processes (reference: no gradient)."""
+    return (gather_features(torch.cat([image for image, _ in per_chunk])),
+            gather_features(torch.cat([text for _, text in per_chunk])))
+
+
+def _objective(cfg: CleanConfig, features: list[tuple[Tensor, Tensor]], reference: tuple[Tensor, Tensor] | None,
+               logit_scale: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """The global batch's loss and its terms (every process computes the same values)."""
+    (image, text), *others = [(gather_features(i), gather_features(t)) for i, t in features]
+    if cfg.objective == "par":
+        return par_loss(image, text, reference[0], reference[1], logit_scale, cfg.tau)
+    if cfg.objective == "ft":
+        return ft_loss(image, text, logit_scale)
+    (augmented_image, augmented_text), = others
+    return cleanclip_loss(image, text, augmented_image, augmented_text, logit_scale, cfg.clip_weight,
+                          cfg.inmodal_weight)
+
+
+def _stop_if_not_finite(step: int, terms: dict[str, float]) -> None:
+    bad = [name for name, value in terms.items() if not math.isfinite(value)]  # the parts come before the total
+    if bad:
+        values = ", ".join(f"{name}={value:.4g}" for name, value in terms.items())
+        raise NonFiniteLoss(f"step {step + 1}: loss term {bad[0]} is {terms[bad[0]]} ({values}); stopped before the "
+                            "update. Lower lr (or use bf16 rather than fp16); a rerun resumes from the last checkpoint")
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+def _checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (renamed into place once written), oldest first."""
+    found = []
+    for path in (out / CHECKPOINTS).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def _start_or_resume(accelerator: Accelerator, out: Path, cfg: CleanConfig) -> int:
+    """Write the resolved config; load the latest checkpoint of `out` if any; return the steps already done."""
+    config_path = out / "config.yaml"
+    found = _checkpoints(out)
+    if found and config_path.is_file():
+        _check_same_recipe(config_path, cfg)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_resolved(cfg, config_path)
+    if not found:
+        if accelerator.is_main_process:
+            (out / LOG_NAME).unlink(missing_ok=True)
+        return 0
+    step, path = found[-1]
+    accelerator.load_state(str(path))
+    if accelerator.is_main_process:
+        log.info("resumed from %s (step %d)", path, step)
+        _truncate_log(out / LOG_NAME, step)
+    return step
+
+
+def _check_same_recipe(path: Path, cfg: CleanConfig) -> None:
+    import yaml
+
+    before = _flatten(yaml.safe_load(path.read_text()) or {})
+    now = _flatten(to_dict(cfg))
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(f"{path.parent}: holds checkpoints of another recipe ({detail}); use a new --out, or delete "
+                         f"{path.parent / CHECKPOINTS} to start over")
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int) -> None:
+    """accelerate save_state into checkpoints/checkpoint-{step}, written under a temporary name first."""
+    final = out / CHECKPOINTS / f"checkpoint-{step}"
+    partial = final.with_name(final.name + ".partial")
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        for _, old in _checkpoints(out)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _append_log(out: Path, record: dict[str, Any]) -> None:
+    with open(out / LOG_NAME, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines of steps after the checkpoint resumed from: they are run again."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`accelerate launch -m cleaning.train` entry point: the arguments of `parclean clean`."""
+    import argparse
+
+    from cleaning.command import add_arguments, run  # command.py imports this module: import it here
+
+    parser = argparse.ArgumentParser(prog="python -m cleaning.train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"cleaning.train: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The cleaning flow: evaluate the model -> clean it on a shard set -> evaluate the result -> publish the report.
+
+The stage (cleaning/train.py, cleaning/report.py) does the work; the tasks here pass paths and small dicts.
+The cleaning step runs in the flow's process, or, for several GPUs, as one task that runs
+`accelerate launch --num_processes N -m cleaning.train ...` (one task for the whole launch, not one per rank).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from cleaning.report import EvalConfig, Report, measure, plot_training
+from cleaning.train import LOG_NAME, CleanConfig, clean
+from flows.config import LAUNCHERS
+from parclean.config import ConfigError, from_dict, load_config, to_dict
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "model.safetensors"
+PLOT_NAME = "training.png"
+LAUNCH_CONFIG_NAME = "launch_config.yaml"
+# A plot up to this size goes into the Markdown artifact as a data URI; a larger one is linked by its path.
+EMBED_LIMIT_BYTES = 300_000
+
+
+def resolve(cls: type, config: str | Path | dict | Any, overrides: dict | None = None) -> Any:
+    """A stage config from a YAML path, a mapping of settings or a config object (plus overrides)."""
+    if isinstance(config, cls):
+        config = to_dict(config)
+    if isinstance(config, dict):
+        return from_dict(cls, {**config, **(overrides or {})}, source=f"<{cls.__name__}>")
+    return load_config(cls, config, overrides)
+
+
+@task(name="evaluate", task_run_name="evaluate-{label}", cache_policy=NO_CACHE)
+def evaluate_task(model: str, eval_config: dict, label: str) -> dict[str, Any]:
+    """Clean accuracy and ASR per trigger of the checkpoint at `model` (percent), and the seconds it took."""
+    from cleaning.models import load_model
+
+    start = time.perf_counter()
+    result = measure(load_model(weights=model), from_dict(EvalConfig, eval_config, source="<eval config>"))
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    logger.info("%s: clean accuracy %.1f%%, ASR %s", label, result["clean_acc"],
+                {name: round(value, 1) for name, value in result["asr"].items()})
+    return result
+
+
+@task(name="clean", cache_policy=NO_CACHE)
+def clean_task(model: str, shards: str, clean_config: dict, out_dir: str, launcher: str = "in-process",
+               num_processes: int = 1, accelerate_args: list[str] | None = None) -> dict[str, Any]:
+    """Run the cleaning stage; a rerun with the same out_dir resumes from its latest checkpoint."""
+    cfg = from_dict(CleanConfig, clean_config, source="<clean config>")
+    if launcher == "in-process":
+        return clean(cfg, model, shards, out_dir, progress=False)
+    return launch_accelerate(cfg, model, shards, out_dir, num_processes, accelerate_args or [])
+
+
+def launch_accelerate(cfg: CleanConfig, model: str, shards: str, out_dir: str, num_processes: int,
+                      accelerate_args: list[str]) -> dict[str, Any]:
+    """`accelerate launch --num_processes N -m cleaning.train ...` as a child process; its result.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / LAUNCH_CONFIG_NAME
+    config_path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+               *accelerate_args, "-m", "cleaning.train", "--config", str(config_path), "--model", model,
+               "--shards", shards, "--out", str(out), "--no-progress"]
+    logger.info("launching: %s", " ".join(command))
+    completed = subprocess.run(command, env=dict(os.environ), check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"accelerate launch exited with {completed.returncode}; its output is in the flow log "
+                           f"above. A rerun resumes from the latest checkpoint in {out}")
+    return json.loads((out / "result.json").read_text())
+
+
+@task(name="publish-report", cache_policy=NO_CACHE)
+def publish_report_task(before: dict, after: dict, settings: dict, timings: dict, out_dir: str) -> str:
+    """report.json + report.md, the training plot, and the Markdown and table artifacts; returns report.md."""
+    out = Path(out_dir)
+    report = Report(before=before, after=after, settings=settings, timings=timings)
+    _, markdown_path = report.write(out)
+    markdown = report.markdown()
+    log_path = out / LOG_NAME
+    if log_path.is_file() and log_path.stat().st_size:
+        markdown += "\n## Training\n\n" + _image_markdown(plot_training(log_path, out / PLOT_NAME), "loss terms")
+    markdown += f"\nFiles: `{markdown_path}`, `{out / MODEL_NAME}`\n"
+    create_markdown_artifact(markdown, key="cleaning-report", description=f"cleaning report: {out}")
+    create_table_artifact(report.rows(), key="cleaning-report-table", description="before / after")
+    return str(markdown_path)
+
+
+@flow(name="clean-model", validate_parameters=False)
+def clean_model_flow(
+    model: str,
+    shards: str,
+    clean_config: str | dict | CleanConfig,
+    eval_config: str | dict | EvalConfig,
+    out_dir: str,
+    launcher: str = "in-process",
+    num_processes: int = 1,
+    accelerate_args: list[str] | None = None,
+    extra_settings: dict | None = None,
+    extra_timings: dict | None = None,
+) -> str:
+    """Evaluate `model`, clean it on `shards`, evaluate the result, publish the report; returns report.md's path.
+
+    launcher: "in-process", or "accelerate" (`accelerate launch --num_processes num_processes`, for GPUs).
+    extra_settings, extra_timings: more lines for the report (the pipeline adds the generator's).
+    """
+    clean_cfg = resolve(CleanConfig, clean_config)
+    eval_cfg = resolve(EvalConfig, eval_config)
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"launcher={launcher!r}: use one of {', '.join(LAUNCHERS)}")
+    model, shards, out = str(model), str(shards), str(out_dir)
+    eval_settings = to_dict(eval_cfg)
+    before = evaluate_task(model, eval_settings, label="before")
+    start = time.perf_counter()
+    result = clean_task(model, shards, to_dict(clean_cfg), out, launcher, num_processes, accelerate_args)
+    clean_seconds = time.perf_counter() - start
+    after = evaluate_task(str(Path(out) / MODEL_NAME), eval_settings, label="after")
+    settings = report_settings(model, shards, clean_cfg, eval_cfg, result, extra_settings)
+    timings = {**(extra_timings or {}), "evaluate before": before.pop("seconds"), "clean": round(clean_seconds, 3),
+               "evaluate after": after.pop("seconds")}
+    return publish_report_task(before, after, settings, timings, out)
+
+
+def report_settings(model: str, shards: str, clean_cfg: CleanConfig, eval_cfg: EvalConfig, result: dict,
+                    extra: dict | None) -> dict[str, Any]:
+    """What a reader needs to reproduce the numbers: model, data size, recipe, evaluation, poison when known."""
+    from generation.shards import read_manifest
+
+    settings: dict[str, Any] = {"model": model, **_poison_of(model), "shards": shards,
+                                "data size (pairs)": read_manifest(shards).get("total_samples")}
+    recipe = ("objective", "tau", "steps", "batch_size", "lr", "schedule", "augment", "seed")
+    settings.update({name: getattr(clean_cfg, name) for name in recipe})
+    settings.update({"processes": result.get("processes"), "samples/s": result.get("samples_per_s"),
+                     "eval data": eval_cfg.data, "eval images": eval_cfg.count, "target": eval_cfg.target,
+                     "triggers": ", ".join(t.kind for t in eval_cfg.triggers) or "none"})
+    settings.update(extra or {})
+    return settings
+
+
+def _poison_of(model: str) -> dict[str, Any]:
+    """The poisoning recorded in a config.yaml beside the checkpoint (the toy organisms have one), else {}."""
+    path = Path(model)
+    config_path = (path if path.is_dir() else path.parent) / "config.yaml"
+    try:
+        poison = (yaml.safe_load(config_path.read_text()) or {}).get("poison") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return {}
+    if not isinstance(poison, dict) or not poison.get("trigger"):
+        return {}
+    return {"poison rate": poison.get("rate"), "poison target": poison.get("target")}
+
+
+def _image_markdown(png: Path, alt: str) -> str:
+    """The PNG inline as a data URI when small, else a link to the file."""
+    data = png.read_bytes()
+    if len(data) <= EMBED_LIMIT_BYTES:
+        return f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode('ascii')})\n"
+    return f"[{alt}]({png.resolve().as_uri()}) ({len(data) // 1000} kB, too large to embed)\n"

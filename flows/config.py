@@ -1,0 +1,135 @@
+"""The data-free pipeline's settings: the stage configs it chains, where outputs go, how it scales and when it runs.
+
+One YAML file (configs/pipeline/*.yaml) holds a whole run: `generate` (a GenerateConfig), `clean` (a
+CleanConfig), `eval` (an EvalConfig), plus the settings below. Loaded by parclean.config, so unknown keys are
+rejected and the stage configs check their own values.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cleaning.report import EvalConfig
+from cleaning.train import CleanConfig
+from generation.config import GenerateConfig
+from parclean.config import ConfigError, from_dict, load_config, to_dict
+
+RUNNERS = ("local", "dask")
+LAUNCHERS = ("in-process", "accelerate")
+CRON_FIELD = re.compile(r"^[\d*/,\-A-Za-z?LW#]+$")
+
+
+@dataclass(frozen=True)
+class TinySDConfig:
+    """Build a RANDOM (untrained) tiny Stable Diffusion at generate.model when that folder is missing.
+
+    For tests and development only: its images are not pictures of anything. The report says so.
+    """
+
+    seed: int = 0
+    size: int = 32  # image side in pixels (multiple of 16)
+
+    def __post_init__(self) -> None:
+        if self.size < 16 or self.size % 16:
+            raise ValueError(f"tiny_sd.size={self.size}: must be a multiple of 16")
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """Where the generation tasks run: threads in the flow's process, or a Dask cluster (one worker per GPU)."""
+
+    kind: str = "local"  # local | dask
+    dask_address: str | None = None  # an existing scheduler, "tcp://host:8786"; None: a LocalCluster
+    n_workers: int = 2  # LocalCluster worker processes (one thread each)
+    gpu_limit: str | None = None  # a Prefect global concurrency limit each shard task holds a slot of
+    retries: int = 2  # per shard, on transient errors (CUDA OOM, I/O)
+    retry_delay_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in RUNNERS:
+            raise ValueError(f"runner.kind={self.kind!r}: use one of {', '.join(RUNNERS)}")
+        if self.n_workers < 1 or self.retries < 0 or self.retry_delay_seconds < 0:
+            raise ValueError("runner: n_workers must be >= 1, retries and retry_delay_seconds >= 0")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How the cleaning step runs: in the flow's process, or as `accelerate launch` over several GPUs."""
+
+    launcher: str = "in-process"  # in-process | accelerate
+    num_processes: int = 1  # accelerate: one per GPU
+    accelerate_args: tuple[str, ...] = ()  # more `accelerate launch` options, e.g. ["--mixed_precision", "bf16"]
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"launch.launcher={self.launcher!r}: use one of {', '.join(LAUNCHERS)}")
+        if self.num_processes < 1:
+            raise ValueError(f"launch.num_processes={self.num_processes}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """When `parclean serve` (or `prefect deploy`) runs the pipeline."""
+
+    cron: str  # "0 2 * * *": every day at 02:00
+    timezone: str = "UTC"
+    deployment: str = "nightly"  # the deployment's name: data-free-clean/<deployment>
+
+    def __post_init__(self) -> None:
+        fields = self.cron.split()
+        if len(fields) != 5 or not all(CRON_FIELD.match(part) for part in fields):
+            raise ValueError(f"schedule.cron={self.cron!r}: expected 5 cron fields, e.g. '0 2 * * *'")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """bank -> generate -> clean -> evaluate -> report, in one run."""
+
+    model: str  # the CLIP checkpoint to clean (.safetensors file or a folder holding model.safetensors)
+    generate: GenerateConfig
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out: str = "runs/data-free-clean"  # cleaned model, report, artifacts
+    out_per_run: bool = False  # true: each run writes into out/<UTC time> (scheduled runs keep their history)
+    shard_cache: str = "runs/shard-cache"  # generated shard sets, one folder per (bank, seed, model, settings)
+    tiny_sd: TinySDConfig | None = None  # set: generate.model is a random tiny SD, built there when missing
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    sample_grid: int = 16  # generated samples shown in the run's artifact (0: none)
+    schedule: ScheduleConfig | None = None  # for `parclean serve` / `prefect deploy`
+
+    def __post_init__(self) -> None:
+        if not self.model.strip():
+            raise ValueError("model: give the CLIP checkpoint to clean")
+        if self.sample_grid < 0:
+            raise ValueError(f"sample_grid={self.sample_grid}: must be >= 0")
+
+
+def load_pipeline_config(config: str | Path | dict | PipelineConfig, overrides: dict[str, Any] | None = None
+                         ) -> PipelineConfig:
+    """A PipelineConfig from a YAML path, a mapping of settings or a config, plus dotted overrides."""
+    if isinstance(config, PipelineConfig):
+        config = to_dict(config)
+    if isinstance(config, dict):
+        data = to_dict_deep(config)
+        for dotted, value in (overrides or {}).items():
+            _set_dotted(data, dotted.split("."), value)
+        return from_dict(PipelineConfig, data, source="<pipeline config>")
+    return load_config(PipelineConfig, config, overrides)
+
+
+def to_dict_deep(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of nested dicts, so overrides never change the caller's mapping."""
+    return {key: to_dict_deep(value) if isinstance(value, dict) else value for key, value in data.items()}
+
+
+def _set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        child = data.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {key} is not a group of settings")
+        data = child
+    data[keys[-1]] = value

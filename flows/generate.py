@@ -1,0 +1,225 @@
+"""The generation flow: one Prefect task per shard, on a thread pool or a Dask cluster; resumable and idempotent.
+
+The stage (generation/run.py) owns everything about images and shards; this file only wires it: the caption
+list is computed once in the flow, each shard is a task that gets its captions and a plain-dict config, and the
+manifest is written by a last task. A shard whose done marker and sha256 check out is skipped without loading
+the pipeline, so a rerun of a finished flow writes nothing, and a failed or killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from generation.config import GenerateConfig
+from generation.run import check_output_folder, generate_shard, record_config, shard_plan, write_set_manifest
+from generation.shards import shard_is_complete
+from parclean.config import ConfigError, from_dict, load_config, to_dict
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+    from prefect.client.schemas.objects import TaskRun
+    from prefect.states import State
+    from prefect.tasks import Task
+
+    from prompts.expand import Caption
+
+logger = logging.getLogger(__name__)
+
+RUNNERS = ("local", "dask")
+SHARD_RETRIES = 2
+SHARD_RETRY_DELAY_SECONDS = 10.0
+# The settings that decide which pipeline object a process holds; the others (count, seed, ...) do not.
+PIPELINE_FIELDS = ("model", "device", "dtype", "scheduler", "compile", "channels_last", "safety_checker")
+
+# One pipeline per worker process, loaded by the first shard task that needs it. A diffusers pipeline keeps
+# per-call state in its scheduler, so calls on one pipeline are serialised by the lock that comes with it.
+_PIPELINES: dict[str, tuple[DiffusionPipeline, threading.Lock]] = {}
+_PIPELINES_LOCK = threading.Lock()
+
+
+def resolve_generate_config(config: str | Path | dict | GenerateConfig,
+                            overrides: dict | None = None) -> GenerateConfig:
+    """A GenerateConfig from a YAML path, a mapping of settings or a config (plus overrides); ConfigError if bad."""
+    if isinstance(config, GenerateConfig):
+        config = to_dict(config)
+    if isinstance(config, dict):
+        return from_dict(GenerateConfig, {**config, **(overrides or {})}, source="<generate config>")
+    return load_config(GenerateConfig, config, overrides)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Worth retrying: out of GPU memory, or an I/O error that is not a missing or misplaced file."""
+    if type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower():
+        return True
+    permanent = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+    return isinstance(error, OSError) and not isinstance(error, permanent)
+
+
+def retry_if_transient(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Prefect retry condition: retry transient errors only; a bad config or model fails at once."""
+    try:
+        state.result()
+    except Exception as error:  # noqa: BLE001 - the state's exception, re-raised to be inspected
+        return is_transient(error)
+    return False
+
+
+def cached_pipeline(cfg: GenerateConfig) -> tuple[DiffusionPipeline, threading.Lock]:
+    """This process's pipeline for `cfg` (loaded on first use; a different one replaces it) and its lock."""
+    from generation.pipeline import load_pipeline
+
+    settings = to_dict(cfg)
+    key = json.dumps({name: settings[name] for name in PIPELINE_FIELDS}, sort_keys=True)
+    with _PIPELINES_LOCK:
+        if key not in _PIPELINES:
+            _PIPELINES.clear()  # one pipeline per process: device memory holds one
+            _PIPELINES[key] = (load_pipeline(cfg), threading.Lock())
+        return _PIPELINES[key]
+
+
+@task(
+    name="generate-shard",
+    task_run_name="shard-{index}",
+    retries=SHARD_RETRIES,
+    retry_delay_seconds=SHARD_RETRY_DELAY_SECONDS,
+    retry_condition_fn=retry_if_transient,
+    cache_policy=NO_CACHE,  # the shard's done marker is the cache (see docs/flows.md)
+)
+def generate_shard_task(
+    config: dict, out_dir: str, index: int, captions: list[Caption], gpu_limit: str | None = None
+) -> dict[str, Any]:
+    """Generate shard `index` unless it is already complete; return a small record (never images)."""
+    cfg = from_dict(GenerateConfig, config, source="<generate config>")
+    if shard_is_complete(out_dir, cfg.name, index, len(captions)):
+        return {"index": index, "written": False}
+    pipe, lock = cached_pipeline(cfg)
+    with lock, _gpu_slot(gpu_limit):  # this process's turn first, then a GPU slot
+        start = time.perf_counter()
+        record = generate_shard(cfg, out_dir, index, captions, pipe, progress=None)
+    return {"index": index, "written": True, "seconds": round(time.perf_counter() - start, 3), **asdict(record)}
+
+
+@task(name="write-manifest", cache_policy=NO_CACHE)
+def write_manifest_task(config: dict, out_dir: str, num_shards: int) -> str:
+    """manifest.json and sizes.json over all shards, read back from their done markers."""
+    cfg = from_dict(GenerateConfig, config, source="<generate config>")
+    return str(write_set_manifest(cfg, out_dir, num_shards))
+
+
+@flow(name="generate-shards", validate_parameters=False)
+def generate_shards_flow(
+    config: str | dict | GenerateConfig,
+    out_dir: str,
+    runner: str = "local",
+    dask_address: str | None = None,
+    n_workers: int = 2,
+    overrides: dict | None = None,
+    retries: int = SHARD_RETRIES,
+    retry_delay_seconds: float = SHARD_RETRY_DELAY_SECONDS,
+    gpu_limit: str | None = None,
+) -> dict[str, Any]:
+    """Generate the shard set of `config` into `out_dir`: only missing shards, then the manifest.
+
+    runner: "local" (threads in this process, one pipeline, shards one at a time) or "dask" (a LocalCluster of
+    `n_workers` processes, one thread each, or the cluster at `dask_address`; one pipeline per worker).
+    gpu_limit: name of a Prefect global concurrency limit each shard holds a slot of while it generates.
+    """
+    cfg = resolve_generate_config(config, overrides)
+    pool = task_runner(runner, dask_address, n_workers)  # checked before anything is written
+    out = str(out_dir)
+    check_output_folder(cfg, out)
+    record_config(cfg, out)
+    plan = shard_plan(cfg)  # the caption list, computed once
+    settings = to_dict(cfg)
+    shard_task = generate_shard_task.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+    progress = create_progress_artifact(0.0, key="generate-shards-progress", description=f"shards of {out}")
+    start = time.perf_counter()
+    results, failed = [], []
+    with pool:
+        futures = [
+            pool.submit(shard_task, {"config": settings, "out_dir": out, "index": i, "captions": captions,
+                                     "gpu_limit": gpu_limit})
+            for i, captions in enumerate(plan)
+        ]
+        for done, future in enumerate(as_completed(futures), start=1):
+            future.wait()
+            if future.state.is_completed():
+                results.append(future.result())
+            else:
+                failed.append(future)
+            update_progress_artifact(progress, 100.0 * done / len(plan))
+    if failed:
+        logger.error("%d of %d shards failed; finished shards are kept and a rerun resumes", len(failed), len(plan))
+        failed[0].result()  # raises the first failure, which fails the flow run with its message
+    manifest = write_manifest_task(settings, out, len(plan))
+    summary = _summary(cfg, out, manifest, results, time.perf_counter() - start)
+    create_markdown_artifact(_summary_markdown(summary), key="generate-shards-summary", description="shard set")
+    logger.info("%s: %d shards written, %d already complete", out, summary["shards_written"],
+                summary["shards_skipped"])
+    return summary
+
+
+def task_runner(runner: str, dask_address: str | None = None, n_workers: int = 2) -> TaskRunner:
+    """The task runner for the shard tasks (entered by the flow): threads here, or Dask worker processes."""
+    if runner == "local":
+        return ThreadPoolTaskRunner(max_workers=4)
+    if runner != "dask":
+        raise ConfigError(f"runner={runner!r}: use one of {', '.join(RUNNERS)}")
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    if n_workers < 1:
+        raise ConfigError(f"n_workers={n_workers}: must be >= 1")
+    # Processes, one thread each: each worker holds one pipeline and runs one shard at a time.
+    cluster = {"n_workers": n_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+               "silence_logs": logging.WARNING}
+    return DaskTaskRunner(cluster_kwargs=cluster)
+
+
+@contextmanager
+def _gpu_slot(limit: str | None) -> Iterator[None]:
+    """Hold one slot of the global concurrency limit `limit` (none: no limit)."""
+    if limit is None:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(limit, occupy=1, strict=True):
+        yield
+
+
+def _summary(cfg: GenerateConfig, out: str, manifest: str, results: list[dict], seconds: float) -> dict[str, Any]:
+    written = [r for r in results if r["written"]]
+    images = sum(r["count"] for r in written)
+    return {
+        "out_dir": out,
+        "manifest": manifest,
+        "shards": cfg.num_shards,
+        "shards_written": len(written),
+        "shards_skipped": len(results) - len(written),
+        "samples": cfg.num_samples,
+        "images_generated": images,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(images / seconds, 3) if images else None,
+    }
+
+
+def _summary_markdown(summary: dict[str, Any]) -> str:
+    lines = ["# Shard set", "", "| | |", "|---|---|"]
+    lines += [f"| {key} | `{value}` |" for key, value in summary.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,181 @@
+"""The data-free cleaning flow: prompt bank -> generated shards -> PAR cleaning -> evaluation -> report.
+
+Generated shard sets are reused across runs: each lives in `shard_cache/NAME-KEY`, KEY a hash of the resolved
+GenerateConfig, the bank file's bytes and the generator's weights (for a local folder), so the same
+(bank, seed, model, settings) always maps to the same folder, and a complete set that verifies (every shard's
+sha256 against the manifest) is used as it is, without loading the generator.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.clean import clean_model_flow
+from flows.config import PipelineConfig, load_pipeline_config
+from flows.generate import generate_shards_flow
+from generation.config import GenerateConfig
+from generation.shards import MANIFEST_NAME, ShardError, iter_samples, verify_shards
+from parclean.config import from_dict, to_dict, write_resolved
+
+logger = logging.getLogger(__name__)
+
+THUMBNAIL = 128  # largest side of a sample in the grid artifact
+GRID_COLUMNS = 8
+_CHUNK = 1 << 20
+
+
+def shard_set_key(cfg: GenerateConfig) -> str:
+    """16 hex digits naming a shard set: the resolved config, the bank's bytes and the generator's weights."""
+    digest = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode())
+    digest.update(_bank_fingerprint(cfg.bank).encode())
+    digest.update(_model_fingerprint(cfg.model).encode())
+    return digest.hexdigest()[:16]
+
+
+def shard_set_folder(cfg: GenerateConfig, cache_root: str | Path) -> Path:
+    """Where the shard set of `cfg` lives under `cache_root`."""
+    return Path(cache_root) / f"{cfg.name}-{shard_set_key(cfg)}"
+
+
+def is_complete_set(folder: str | Path) -> bool:
+    """True when `folder` holds a manifest and every shard it lists is present with its sha256."""
+    if not (Path(folder) / MANIFEST_NAME).is_file():
+        return False
+    try:
+        problems = verify_shards(folder)
+    except ShardError as error:
+        problems = [str(error)]
+    for problem in problems:
+        logger.warning("%s: %s", folder, problem)
+    return not problems
+
+
+@task(name="prepare-generator", cache_policy=NO_CACHE)
+def prepare_generator_task(generate: dict, tiny_sd: dict | None) -> str:
+    """The generator's description for the report; builds the random tiny SD first when the config asks."""
+    model = Path(generate["model"])
+    if tiny_sd is None:
+        return generate["model"]
+    if not (model / "model_index.json").is_file():
+        from generation.tiny_pipeline import build_tiny_pipeline
+
+        logger.warning("tiny_sd is set: building a RANDOM, untrained tiny Stable Diffusion at %s", model)
+        build_tiny_pipeline(model, seed=tiny_sd["seed"], sample_size=tiny_sd["size"])
+    return f"{model} (random tiny SD, untrained: tiny_sd in the config)"
+
+
+@task(name="locate-shards", cache_policy=NO_CACHE)
+def locate_shards_task(generate: dict, cache_root: str) -> dict[str, Any]:
+    """The shard set's folder for this config, and whether a complete, verified set is already there."""
+    cfg = from_dict(GenerateConfig, generate, source="<generate config>")
+    folder = shard_set_folder(cfg, cache_root)
+    return {"folder": str(folder), "complete": is_complete_set(folder)}
+
+
+@task(name="sample-grid", cache_policy=NO_CACHE)
+def sample_grid_task(shards: str, count: int) -> str:
+    """A Markdown artifact with the first `count` generated samples as one small PNG and their captions."""
+    samples = []
+    for key, image, caption, _ in iter_samples(shards):
+        samples.append((key, image, caption))
+        if len(samples) == count:
+            break
+    png = _grid_png([image for _, image, _ in samples])
+    lines = [f"# Generated samples ({len(samples)} of {shards})", "",
+             f"![samples](data:image/png;base64,{base64.b64encode(png).decode('ascii')})", "",
+             "| # | key | caption |", "|---|---|---|"]
+    lines += [f"| {i} | {key} | {caption} |" for i, (key, _, caption) in enumerate(samples)]
+    markdown = "\n".join(lines) + "\n"
+    create_markdown_artifact(markdown, key="generated-samples", description=f"samples of {shards}")
+    return markdown
+
+
+@flow(name="data-free-clean", validate_parameters=False)
+def data_free_clean_flow(pipeline_config: str | dict | PipelineConfig, overrides: dict | None = None) -> str:
+    """Generate (or reuse) the shard set, clean the model on it, evaluate and report; returns report.md's path."""
+    cfg = load_pipeline_config(pipeline_config, overrides)
+    generate = to_dict(cfg.generate)
+    generator = prepare_generator_task(generate, to_dict(cfg.tiny_sd) if cfg.tiny_sd else None)
+    shards = locate_shards_task(generate, cfg.shard_cache)
+    if shards["complete"]:
+        logger.info("reusing the complete shard set %s", shards["folder"])
+        summary = {"shards_written": 0, "seconds": 0.0}
+    else:
+        runner = cfg.runner
+        summary = generate_shards_flow(generate, shards["folder"], runner=runner.kind, dask_address=runner.dask_address,
+                                       n_workers=runner.n_workers, retries=runner.retries,
+                                       retry_delay_seconds=runner.retry_delay_seconds, gpu_limit=runner.gpu_limit)
+    if cfg.sample_grid:
+        sample_grid_task(shards["folder"], cfg.sample_grid)
+    out = run_folder(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved(cfg, out / "pipeline.yaml")
+    extra = {"generator": generator, "bank": cfg.generate.bank, "generation seed": cfg.generate.seed,
+             "shard set reused": shards["complete"], "shards generated": summary["shards_written"]}
+    return clean_model_flow(cfg.model, shards["folder"], to_dict(cfg.clean), to_dict(cfg.eval), str(out),
+                            launcher=cfg.launch.launcher, num_processes=cfg.launch.num_processes,
+                            accelerate_args=list(cfg.launch.accelerate_args), extra_settings=extra,
+                            extra_timings={"generate": summary["seconds"]})
+
+
+def run_folder(cfg: PipelineConfig) -> Path:
+    """cfg.out, or a new out/<UTC time> per run when out_per_run is set."""
+    if not cfg.out_per_run:
+        return Path(cfg.out)
+    return Path(cfg.out) / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _bank_fingerprint(bank: str) -> str:
+    from prompts.bank import load_bank
+
+    return _file_sha256(load_bank(bank).source)
+
+
+def _model_fingerprint(model: str) -> str:
+    """A local folder: sha256 over its files' names and bytes. A hub id: the id (pin a local copy to be exact)."""
+    root = Path(model).expanduser()
+    if not root.is_dir():
+        return f"hub:{model}"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + _file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _grid_png(images: list) -> bytes:
+    """The images side by side in rows of GRID_COLUMNS, each shrunk to at most THUMBNAIL pixels; PNG bytes."""
+    from PIL import Image
+
+    thumbs = []
+    for image in images:
+        thumb = image.convert("RGB")
+        thumb.thumbnail((THUMBNAIL, THUMBNAIL))
+        thumbs.append(thumb)
+    side = max((max(t.size) for t in thumbs), default=1)
+    columns = max(1, min(GRID_COLUMNS, len(thumbs)))
+    rows = max(1, -(-len(thumbs) // columns))
+    grid = Image.new("RGB", (columns * side, rows * side), "white")
+    for i, thumb in enumerate(thumbs):
+        grid.paste(thumb, ((i % columns) * side, (i // columns) * side))
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,92 @@
+"""`parclean serve`: the data-free pipeline as a Prefect deployment on its cron schedule; `parclean run`: once, now.
+
+    prefect server start                                   # UI and API at http://127.0.0.1:4200
+    PREFECT_API_URL=http://127.0.0.1:4200/api parclean serve --config configs/pipeline/nightly.yaml
+
+Prefect is imported inside the functions: `parclean --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from parclean.config import parse_override
+
+logger = logging.getLogger(__name__)
+
+# The stages' own loggers, sent to the Prefect API too (so their lines show under each run in the UI).
+STAGE_LOGGERS = "generation,cleaning,prompts,flows"
+
+
+def prepare_logging() -> None:
+    """Before Prefect is imported: stage logs to the Prefect UI; no line per HTTP request on the console."""
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", STAGE_LOGGERS)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="pipeline config with a schedule, e.g. "
+                        "configs/pipeline/nightly.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting for every scheduled run, e.g. --set clean.steps=600 (repeatable)")
+    parser.add_argument("--name", help="deployment name (default: the config's schedule.deployment)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Register the deployment `data-free-clean/<name>` with its cron schedule and run its flow runs until ^C."""
+    prepare_logging()
+    deployment = build_deployment(args.config, _overrides(args.set), args.name)
+    from prefect import serve
+
+    if not os.environ.get("PREFECT_API_URL"):
+        logger.warning("PREFECT_API_URL is not set: serving against a temporary server that stops with this "
+                       "process. Start `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api "
+                       "to keep runs, schedules and the UI")
+    serve(deployment)
+    return 0
+
+
+def build_deployment(config: str | Path, overrides: dict | None = None, name: str | None = None):
+    """The RunnerDeployment of data_free_clean for `config` (checked first; it must have a schedule)."""
+    from prefect.schedules import Cron
+
+    from flows.config import load_pipeline_config
+    from flows.pipeline import data_free_clean_flow
+
+    path = Path(config).resolve()
+    cfg = load_pipeline_config(path, overrides)
+    if cfg.schedule is None:
+        raise ValueError(f"{config}: no schedule to serve; add e.g. `schedule: {{cron: '0 2 * * *'}}`, or run it "
+                         f"once with `parclean run --config {config}`")
+    return data_free_clean_flow.to_deployment(
+        name=name or cfg.schedule.deployment,
+        schedule=Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone),
+        parameters={"pipeline_config": str(path), "overrides": overrides or None},
+        description=f"data-free PAR cleaning of {cfg.model} ({path.name})",
+        tags=["parclean"],
+    )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="pipeline config, e.g. configs/pipeline/demo.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set out=runs/x --set generate.num_samples=500 (repeatable)")
+
+
+def run_once(args: argparse.Namespace) -> int:
+    """Run data_free_clean once; print the before/after table and the report's path."""
+    prepare_logging()
+    from flows.demo import before_after_table
+    from flows.pipeline import data_free_clean_flow
+
+    report = data_free_clean_flow(args.config, _overrides(args.set))
+    print(before_after_table(report))
+    print(f"report: {report}")
+    return 0
+
+
+def _overrides(texts: list[str]) -> dict:
+    return dict(parse_override(text) for text in texts)

@@ -1,0 +1,48 @@
+"""`parclean generate` (shards from a config) and `parclean tiny-sd` (build the tiny CPU pipeline)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from parclean.config import parse_override
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config, e.g. configs/generate/tiny-cpu.yaml")
+    parser.add_argument("--out", required=True, help="output folder for the shards (a rerun resumes it)")
+    parser.add_argument("--num-samples", type=int, help="override num_samples")
+    parser.add_argument("--shard-size", type=int, help="override shard_size")
+    parser.add_argument("--model", help="override model: a hub id or a local diffusers folder")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting (repeatable)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from generation.config import load_generate_config
+    from generation.run import generate_shards
+
+    overrides = dict(parse_override(text) for text in args.set)
+    for key in ("num_samples", "shard_size", "model"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    cfg = load_generate_config(args.config, overrides)
+    summary = generate_shards(cfg, args.out, progress=not args.no_progress)
+    print(json.dumps(summary))
+    return 0
+
+
+def add_tiny_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="folder for the pipeline (diffusers layout)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--size", type=int, default=32, help="image size in pixels (multiple of 16)")
+
+
+def run_tiny(args: argparse.Namespace) -> int:
+    from generation.tiny_pipeline import build_tiny_pipeline
+
+    path = build_tiny_pipeline(args.out, seed=args.seed, sample_size=args.size)
+    print(path)
+    return 0

@@ -1,0 +1,181 @@
+"""Generate a shard set: captions -> batches of images -> WebDataset shards -> manifest; resumable."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+from tqdm import tqdm
+
+from generation.config import GenerateConfig
+from generation.images import generate_batch, image_seed, resize_for_storage
+from generation.pipeline import load_pipeline
+from generation.shards import (
+    MANIFEST_NAME,
+    Sample,
+    ShardRecord,
+    read_manifest,
+    read_shard_record,
+    sample_key,
+    shard_is_complete,
+    write_manifest,
+    write_shard,
+)
+from parclean.config import to_dict, write_resolved
+from prompts.bank import load_bank
+from prompts.expand import Caption, expand
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.yaml"
+
+
+def caption_list(cfg: GenerateConfig) -> list[Caption]:
+    """All captions of the run, in order: a function of (bank, num_samples, seed)."""
+    bank = load_bank(cfg.bank)
+    return expand(bank, cfg.num_samples, cfg.seed, allow_duplicates=cfg.allow_duplicate_captions)
+
+
+def shard_plan(cfg: GenerateConfig, captions: list[Caption] | None = None) -> list[list[Caption]]:
+    """The captions of each shard: consecutive runs of `shard_size` (the last may be shorter)."""
+    captions = caption_list(cfg) if captions is None else captions
+    return [captions[start : start + cfg.shard_size] for start in range(0, len(captions), cfg.shard_size)]
+
+
+def generate_shards(cfg: GenerateConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
+    """Generate every shard that is not complete, then the manifest; return a small summary."""
+    out_dir = Path(out_dir)
+    check_output_folder(cfg, out_dir)
+    plan = shard_plan(cfg)
+    todo = [i for i, caps in enumerate(plan) if not shard_is_complete(out_dir, cfg.name, i, len(caps))]
+    # Loaded only when some shard needs work, and before anything is written, so a bad model writes nothing.
+    pipe = load_pipeline(cfg) if todo else None
+    record_config(cfg, out_dir)
+    logger.info("%s: %d of %d shards to generate", out_dir, len(todo), len(plan))
+    images = sum(len(plan[i]) for i in todo)
+    bar = tqdm(total=images, unit="img", desc="generate", disable=not (progress and _is_main_process()))
+    start = time.perf_counter()
+    records = {}
+    for index in todo:
+        records[index] = generate_shard(cfg, out_dir, index, plan[index], pipe, progress=bar)
+    bar.close()
+    seconds = time.perf_counter() - start
+    manifest = write_set_manifest(cfg, out_dir, len(plan), records)
+    return {
+        "out_dir": str(out_dir),
+        "manifest": str(manifest),
+        "shards": len(plan),
+        "shards_written": len(todo),
+        "shards_skipped": len(plan) - len(todo),
+        "samples": cfg.num_samples,
+        "images_generated": images,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(images / seconds, 3) if images else None,
+    }
+
+
+def generate_shard(
+    cfg: GenerateConfig,
+    out_dir: str | Path,
+    index: int,
+    captions: list[Caption],
+    pipe: DiffusionPipeline | None = None,
+    *,
+    progress: tqdm | None = None,
+) -> ShardRecord:
+    """Generate shard `index` from its captions and write it (atomically, stats last); one task's work."""
+    if not 1 <= len(captions) <= cfg.shard_size:
+        raise ValueError(f"shard {index}: {len(captions)} captions; expected 1..shard_size={cfg.shard_size}")
+    pipe = load_pipeline(cfg) if pipe is None else pipe
+    scheduler = type(pipe.scheduler).__name__
+    start = time.perf_counter()
+    samples = []
+    for first in range(0, len(captions), cfg.batch_size):
+        batch = captions[first : first + cfg.batch_size]
+        seeds = [image_seed(cfg.seed, caption.index) for caption in batch]
+        generated = generate_batch(pipe, [caption.text for caption in batch], seeds, cfg)
+        for offset, (caption, seed, image, nsfw) in enumerate(zip(batch, seeds, *generated, strict=True)):
+            meta = {
+                "caption_index": caption.index,
+                "prompt_id": caption.prompt_id,
+                "concept": caption.concept,
+                "seed": seed,
+                "model": cfg.model,
+                "scheduler": scheduler,
+                "steps": cfg.steps,
+                "guidance": cfg.guidance,
+                "resolution": [image.width, image.height],
+                "nsfw": nsfw,
+            }
+            stored = resize_for_storage(image.convert("RGB"), cfg.store_size)
+            key = sample_key(index, first + offset, cfg.shard_size)
+            samples.append(Sample(key=key, image=stored, caption=caption.text, meta=meta))
+        if progress is not None:
+            progress.update(len(batch))
+    seconds = time.perf_counter() - start
+    return write_shard(
+        out_dir,
+        cfg.name,
+        index,
+        samples,
+        image_format=cfg.image_format,
+        jpeg_quality=cfg.jpeg_quality,
+        seconds=seconds,
+    )
+
+
+def write_set_manifest(
+    cfg: GenerateConfig, out_dir: str | Path, num_shards: int, records: dict[int, ShardRecord] | None = None
+) -> Path:
+    """Write manifest.json and sizes.json over all shards (records of shards written earlier read back)."""
+    records = dict(records or {})
+    for index in range(num_shards):
+        if index not in records:
+            records[index] = read_shard_record(out_dir, cfg.name, index)
+    return write_manifest(out_dir, cfg.name, [records[i] for i in range(num_shards)], config=to_dict(cfg))
+
+
+def check_output_folder(cfg: GenerateConfig, out_dir: str | Path) -> None:
+    """Refuse a folder whose shards were made with other settings, so a resume never mixes them."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir}: not a folder")
+    has_output = (out_dir / MANIFEST_NAME).is_file() or any(out_dir.glob("*.tar"))
+    if not has_output:
+        return
+    config_path = out_dir / CONFIG_NAME
+    if config_path.is_file():
+        previous = yaml.safe_load(config_path.read_text())
+    elif (out_dir / MANIFEST_NAME).is_file():
+        previous = read_manifest(out_dir).get("config")
+    else:
+        raise ValueError(f"{out_dir}: holds shards but no {CONFIG_NAME}; use a new --out folder")
+    current = to_dict(cfg)
+    if previous != current:
+        previous = previous if isinstance(previous, dict) else {}
+        changed = sorted(key for key in set(previous) | set(current) if previous.get(key) != current.get(key))
+        detail = ", ".join(f"{key}: {previous.get(key)!r} -> {current.get(key)!r}" for key in changed)
+        raise ValueError(
+            f"{out_dir}: its shards were made with a different config ({detail}); "
+            f"use a new --out folder for these settings, or the old settings to resume"
+        )
+
+
+def record_config(cfg: GenerateConfig, out_dir: str | Path) -> Path:
+    """Write the resolved config beside the shards (config.yaml)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / CONFIG_NAME
+    write_resolved(cfg, path)
+    return path
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0

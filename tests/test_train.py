@@ -1,0 +1,242 @@
+"""The cleaning trainer (cleaning/train.py) end to end on a tiny CLIP and ~200 real toy pairs, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cleaning.augment import cleanclip_image_view, cleanclip_text_view, par_augment
+from cleaning.models import create_model, load_model, save_model
+from cleaning.train import CleanConfig, NonFiniteLoss, clean, learning_rate
+from parclean.config import load_config, write_resolved
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "clean").glob("*.yaml"))
+MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+# A few PAR steps with every moving part on: the official schedule, augmentation, a checkpoint mid-way.
+CFG = CleanConfig(steps=4, batch_size=32, lr=1e-3, lr_end=0.0, checkpoint_every=2, seed=3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine, two threads per op mostly wait for each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from toyworld.make_shards import write_toy_shards
+
+    folder = tmp_path_factory.mktemp("toy-shards")
+    write_toy_shards(folder, 200, seed=0, shard_size=100, progress=False)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_model(create_model("tiny-test", seed=0), tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def baseline(shards: str, model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An uninterrupted CFG run from a LoadedModel, recording the mode of every forward call."""
+    loaded = load_model(weights=model_path)
+    calls: list[tuple[bool, bool]] = []  # (module.training, gradients enabled) per forward call
+    loaded.model.register_forward_pre_hook(lambda module, args: calls.append((module.training,
+                                                                              torch.is_grad_enabled())))
+    out = tmp_path_factory.mktemp("baseline")
+    result = clean(CFG, loaded, shards, out, progress=False)
+    return {"out": out, "result": result, "calls": calls, "weights": load_file(out / "model.safetensors")}
+
+
+def comparable(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights without the attention key biases (in_proj_bias[d:2d]).
+
+    Softmax is invariant to the key bias, so its true gradient is exactly 0 and what autograd returns is rounding
+    noise (~1e-9); Adam scales that noise up to +-lr steps whose sign depends on the order of summation. Any change
+    of batch split (processes, micro-batches) flips some of those signs; the other weights agree to ~1e-7.
+    """
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith("attn.in_proj_bias"):
+            width = len(tensor) // 3
+            tensor = torch.cat([tensor[:width], tensor[2 * width:]])
+        out[name] = tensor
+    return out
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    worst = max((a[name] - b[name]).abs().max().item() for name in a)
+    assert worst <= atol, f"weights differ by up to {worst:.3g}"
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_par_changes_the_weights_and_logs_finite_terms(baseline: dict, model_path: Path) -> None:
+    before, after = load_file(model_path), baseline["weights"]
+    assert torch.equal(before["logit_scale"], after["logit_scale"])  # frozen
+    for name in ("visual.proj", "text_projection", "token_embedding.weight", "visual.conv1.weight"):
+        assert (before[name] - after[name]).abs().max() > 1e-4, f"{name} did not move"
+    records = read_log(baseline["out"])
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for record in records:
+        for term in ("loss", "clip", "d_img", "d_txt", "pert"):
+            assert math.isfinite(record[term])
+        assert record["loss"] == pytest.approx(record["clip"] - record["pert"], rel=1e-5)
+    # The first step starts at the reference: distance 0; then PAR pushes the embeddings away.
+    assert records[0]["d_img"] < 1e-6 and records[-1]["d_img"] > 1e-3 and records[-1]["d_txt"] > 1e-3
+    assert [r["lr"] for r in records] == pytest.approx([learning_rate(CFG, s) for s in range(4)])
+    result = baseline["result"]
+    assert result["steps"] == 4 and result["finished"] and result["samples_per_s"] > 0
+    assert result["final"] == {k: v for k, v in records[-1].items() if k not in ("step", "lr", "seconds")}
+    assert load_config(CleanConfig, baseline["out"] / "config.yaml") == CFG
+    assert sorted(p.name for p in (baseline["out"] / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_model_trains_in_train_mode_and_reference_runs_in_eval_without_gradients(baseline: dict) -> None:
+    calls = baseline["calls"]
+    trained = [training for training, grad in calls if grad]
+    reference = [training for training, grad in calls if not grad]
+    assert len(trained) == len(reference) == CFG.steps
+    assert all(trained) and not any(reference)
+
+
+def test_killed_run_resumes_to_the_same_weights(baseline: dict, shards: str, model_path: Path,
+                                                tmp_path: Path) -> None:
+    first = clean(CFG, model_path, shards, tmp_path, stop_after=2, progress=False)
+    assert first["steps"] == 2 and not first["finished"] and not (tmp_path / "model.safetensors").exists()
+    second = clean(CFG, model_path, shards, tmp_path, progress=False)
+    assert second["resumed_from"] == 2 and second["steps_run"] == 2
+    assert_same_weights(load_file(tmp_path / "model.safetensors"), baseline["weights"], atol=1e-6)
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
+    # A finished run reruns to nothing; another recipe in the same folder is refused.
+    assert clean(CFG, model_path, shards, tmp_path, progress=False)["steps_run"] == 0
+    with pytest.raises(ValueError, match="tau: 2.15 -> 1.0"):
+        clean(replace(CFG, tau=1.0), model_path, shards, tmp_path, progress=False)
+
+
+def test_gradient_accumulation_gives_the_full_batch_update(baseline: dict, shards: str, model_path: Path,
+                                                           tmp_path: Path) -> None:
+    clean(replace(CFG, grad_accum=4), model_path, shards, tmp_path, progress=False)
+    assert_same_weights(comparable(load_file(tmp_path / "model.safetensors")), comparable(baseline["weights"]),
+                        atol=1e-5)
+    assert read_log(tmp_path)[-1]["clip"] == pytest.approx(read_log(baseline["out"])[-1]["clip"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_weights_of_one(baseline: dict, shards: str, model_path: Path,
+                                               tmp_path: Path) -> None:
+    config = tmp_path / "cfg.yaml"
+    write_resolved(CFG, config)
+    out = tmp_path / "two"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    # `--multi_gpu` is Accelerate's torchrun launcher; without GPUs each process runs on the CPU over gloo.
+    # Two micro-batches per process as well: DDP's no_sync and the feature cache across processes.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cleaning.train",
+               "--config", str(config), "--model", str(model_path), "--shards", shards, "--out", str(out),
+               "--set", "grad_accum=2", "--no-progress"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["processes"] == 2 and result["finished"]
+    assert load_config(CleanConfig, out / "config.yaml") == replace(CFG, grad_accum=2)
+    assert_same_weights(comparable(load_file(out / "model.safetensors")), comparable(baseline["weights"]),
+                        atol=1e-5)
+
+
+def test_nan_guard_stops_with_the_step_and_the_term(shards: str, model_path: Path, tmp_path: Path) -> None:
+    cfg = replace(CFG, lr=1e30, schedule="constant")
+    with pytest.raises(NonFiniteLoss, match=r"step 2: loss term (clip|d_img|d_txt) is nan"):
+        clean(cfg, model_path, shards, tmp_path, progress=False)
+    assert not (tmp_path / "model.safetensors").exists()
+    assert [r["step"] for r in read_log(tmp_path)] == [1]
+
+
+@pytest.mark.parametrize("objective, terms", [("ft", {"clip"}),
+                                              ("cleanclip", {"clip", "inmodal_img", "inmodal_txt", "inmodal"})])
+def test_baselines_train_with_their_own_terms(objective: str, terms: set[str], shards: str, model_path: Path,
+                                              tmp_path: Path) -> None:
+    result = clean(replace(CFG, objective=objective, steps=2), model_path, shards, tmp_path, progress=False)
+    assert set(result["final"]) == terms | {"loss"}
+    assert all(math.isfinite(value) for value in result["final"].values())
+    before, after = load_file(model_path), load_file(tmp_path / "model.safetensors")
+    assert (before["visual.proj"] - after["visual.proj"]).abs().max() > 1e-4
+
+
+def test_official_schedule_goes_down_linearly_then_cosine() -> None:
+    cfg = CleanConfig()  # the paper's: 244 steps, 3e-5 -> 3e-6 over 122 steps, cosine to 1e-9
+    assert learning_rate(cfg, 0) == pytest.approx(3e-5)
+    assert learning_rate(cfg, 61) == pytest.approx(3e-5 - 27e-6 * 61 / 121)
+    assert learning_rate(cfg, 121) == pytest.approx(3e-6) == learning_rate(cfg, 122)
+    assert learning_rate(cfg, 183) == pytest.approx(1e-9 + 0.5 * (3e-6 - 1e-9))
+    assert learning_rate(cfg, 243) < 1e-8
+    cosine = CleanConfig(schedule="cosine", lr=1e-3, lr_end=0.0, warmup_steps=10, steps=110)
+    assert learning_rate(cosine, 0) == pytest.approx(1e-4) and learning_rate(cosine, 9) == pytest.approx(1e-3)
+    assert learning_rate(cosine, 60) == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_clean_config_loads_and_names_its_launch_command(path: Path) -> None:
+    cfg = load_config(CleanConfig, path)
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any("parclean clean" in line or "accelerate launch" in line for line in header)
+    assert f"configs/clean/{path.name}" in "\n".join(header)
+    assert cfg.tau == 2.15
+
+
+def test_configs_cover_the_paper_recipe_and_the_toy_trio() -> None:
+    assert {p.name for p in CONFIGS} >= {"toy-cpu.yaml", "toy-cpu-ft.yaml", "toy-cpu-cleanclip.yaml", "vit-b-32.yaml",
+                                         "rn50.yaml"}
+    paper = load_config(CleanConfig, CONFIGS[0].parent / "vit-b-32.yaml")
+    assert (paper.lr, paper.lr_end, paper.batch_size, paper.steps, paper.mixed_precision) == (3e-5, 1e-9, 2048, 244,
+                                                                                                "fp16")
+    toy = {name: load_config(CleanConfig, CONFIGS[0].parent / name) for name in
+           ("toy-cpu.yaml", "toy-cpu-ft.yaml", "toy-cpu-cleanclip.yaml")}
+    budgets = {(c.steps, c.batch_size, c.lr, c.schedule, c.seed) for c in toy.values()}
+    assert len(budgets) == 1 and [c.objective for c in toy.values()] == ["par", "ft", "cleanclip"]
+
+
+def test_par_augmentation_is_per_sample_and_independent_of_the_batch_split() -> None:
+    images = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    whole = par_augment(images, MEAN, STD, seed=1, step=5)
+    halves = torch.cat([par_augment(images[:24], MEAN, STD, seed=1, step=5, offset=0),
+                        par_augment(images[24:], MEAN, STD, seed=1, step=5, offset=24)])
+    assert torch.equal(whole, halves)
+    assert not torch.equal(whole, par_augment(images, MEAN, STD, seed=1, step=6))
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    plain = (images - mean) / std
+    erased = (whole == 0).all(dim=1).flatten(1).sum(dim=1)  # pixels set to 0 in every channel
+    # 0.5-1% of 32x32 is 5-10 pixels: a 2x2 or 3x3 square, on about half of the images.
+    assert set(erased.tolist()) <= {0, 4, 9} and 16 <= int((erased > 0).sum()) <= 48
+    kept = (whole != 0).all(dim=1, keepdim=True).expand_as(whole)
+    changed = ((whole - plain).abs() > 1e-6) & kept
+    noisy = changed.flatten(1).any(dim=1)
+    assert 16 <= int(noisy.sum()) <= 48
+    assert ((whole - plain)[kept] >= -1e-5).all()  # the noise is non-negative (before the clip at 1)
+
+
+def test_cleanclip_views_are_deterministic_and_keep_the_token_layout() -> None:
+    images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    view = cleanclip_image_view(images, seed=0, step=1)
+    assert torch.equal(view, cleanclip_image_view(images, seed=0, step=1)) and 0 <= view.min() <= view.max() <= 1
+    assert not torch.equal(view, images)
+    tokens = create_model("tiny-test").tokenizer(["a large red circle at the top left on a black background"] * 16)
+    augmented = cleanclip_text_view(tokens, seed=0, step=1)
+    assert torch.equal(augmented, cleanclip_text_view(tokens, seed=0, step=1))
+    assert (augmented[:, 0] == tokens[0, 0]).all() and (augmented.argmax(dim=1) <= tokens.argmax(dim=1)).all()
+    assert (augmented.max(dim=1).values == tokens.max()).all()  # the end token stays
+    assert not torch.equal(augmented, tokens)
