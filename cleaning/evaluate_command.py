@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from cleaning.attacks import KINDS, Trigger
 from parclean.config import load_config, parse_override
 
 
@@ -39,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
 def add_poison_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", required=True, help="clean shard set (folder or fsspec URL)")
     parser.add_argument("--out", required=True, type=Path, help="new folder for the poisoned shard set")
-    parser.add_argument("--trigger", required=True, help=f"trigger kind: {', '.join(KINDS)}")
+    parser.add_argument("--trigger", required=True, help="trigger kind: badnet, badnet_stripes, blended, "
+                        "blended_stripes, triangles, text, wanet, image_patch, image_blend")
     parser.add_argument("--patch-size", type=int, help="patch triggers: side in pixels (default 16 px per 224 px)")
     parser.add_argument("--alpha", type=float, help="blend triggers: weight of the trigger")
     parser.add_argument("--trigger-image", help="image_patch / image_blend: your trigger image")
@@ -49,6 +49,7 @@ def add_poison_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_poison(args: argparse.Namespace) -> int:
+    from cleaning.attacks import Trigger
     from cleaning.poison import poison_shards
 
     trigger = Trigger(kind=args.trigger, patch_size=args.patch_size, alpha=args.alpha, image=args.trigger_image)

@@ -1,0 +1,63 @@
+"""Poisoning a shard set, and the `evaluate` / `poison` commands end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cleaning.attacks import Trigger
+from cleaning.models import create_model, save_model
+from cleaning.poison import poison_shards
+from flows.cli import main
+from generation.shards import iter_samples, verify_shards
+from toyworld.make_shards import write_toy_shards
+
+
+@pytest.fixture(scope="module")
+def clean_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    write_toy_shards(out, count=120, seed=5, shard_size=50)
+    return out
+
+
+def test_exactly_the_chosen_share_is_poisoned_and_nothing_else_changes(clean_shards, tmp_path):
+    summary = poison_shards(str(clean_shards), tmp_path / "p", Trigger(kind="badnet", patch_size=8),
+                            rate=0.1, target="moon", seed=1)
+    assert summary == {"out_dir": str(tmp_path / "p"), "samples": 120, "poisoned": 12}
+    assert verify_shards(tmp_path / "p", deep=True) == []
+    poisoned = 0
+    for (key, image, caption, meta), (key0, image0, caption0, _) in zip(
+            iter_samples(tmp_path / "p"), iter_samples(clean_shards), strict=True):
+        assert key == key0
+        changed = not np.array_equal(np.asarray(image), np.asarray(image0))
+        if meta.get("poisoned"):
+            poisoned += 1
+            assert changed and "moon" in caption and meta["original_caption"] == caption0
+        else:
+            assert not changed and caption == caption0
+    assert poisoned == 12
+
+
+def test_poisoning_over_the_source_is_refused(clean_shards):
+    with pytest.raises(ValueError, match="new folder"):
+        poison_shards(str(clean_shards), clean_shards, Trigger(kind="blended"), rate=0.1, target="moon")
+
+
+def test_poison_and_evaluate_commands(clean_shards, tmp_path, capsys):
+    assert main(["poison", "--shards", str(clean_shards), "--out", str(tmp_path / "p"), "--trigger", "blended",
+                 "--rate", "0.05", "--target", "moon"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["poisoned"] == 6
+    model = save_model(create_model("tiny-test", seed=0), tmp_path / "m" / "model.safetensors")
+    out = tmp_path / "result.json"
+    assert main(["evaluate", "--model", str(model.parent), "--set", "count=200", "--set", "target=moon",
+                 "--set", "triggers=[{kind: blended}]", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["eval_images"] == 200 and 0 <= result["clean_acc"] <= 100 and "blended" in result["asr"]
+
+
+def test_evaluate_names_a_missing_model(tmp_path, capsys):
+    assert main(["evaluate", "--model", str(tmp_path / "nope.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nope.safetensors" in err
