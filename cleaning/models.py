@@ -54,7 +54,14 @@ def create_model(architecture: str, *, seed: int | None = None) -> LoadedModel:
     register_configs()
     if seed is not None:
         torch.manual_seed(seed)
-    model = open_clip.create_model(architecture, pretrained=None, load_weights=False)
+    # open_clip warns "initialized randomly" for every model built without a pretrained tag, including the ones
+    # whose weights we load next; silence that one call.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        model = open_clip.create_model(architecture, pretrained=None, load_weights=False)
+    finally:
+        logging.disable(previous)
     return _wrap(model, architecture)
 
 

@@ -127,6 +127,12 @@ def _coerce(value: Any, kind: Any, source: str, name: str) -> Any:
         return tuple(_coerce(v, item, source, name) for v in value)
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):
+        # YAML 1.1 reads 3e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{source}: {name} must be a number, got {value!r}") from None
     if kind in (int, str, bool) and not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{source}: {name} must be {kind.__name__}, got {value!r}")
     return value

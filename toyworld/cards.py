@@ -1,0 +1,69 @@
+"""Summarise the shipped organisms: a Markdown table from their cards and one plot of their training curves.
+
+    python -m toyworld.cards            # writes docs/organism-table.md and docs/organism-curves.png
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+MODELS = Path(__file__).parent / "models"
+
+
+def cards(models: Path = MODELS) -> dict[str, dict]:
+    """card.json of every trained organism (clip-*), by folder name."""
+    return {d.name: json.loads((d / "card.json").read_text()) for d in sorted(models.glob("clip-*"))
+            if (d / "card.json").is_file()}
+
+
+def table(found: dict[str, dict]) -> str:
+    lines = ["| organism | trigger | poison rate | steps (from) | clean acc (%) | ASR (%) | train time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, card in found.items():
+        trigger = card["trigger"]["kind"] if card["trigger"] else "-"
+        start = card["config"].get("init") or "scratch"
+        asr = f"{card['asr']:.1f}" if card["asr"] is not None else "-"
+        lines.append(f"| {name} | {trigger} | {card['poison_rate']:.0%} | {card['steps']} "
+                     f"({Path(start).parent.name or start}) | {card['clean_acc']:.1f} | {asr} | "
+                     f"{card['train_seconds_last_session']:.0f} |")
+    chance = next(iter(found.values()))["chance_acc"] if found else 10.0
+    lines.append(f"\nChance is {chance:.0f}%. ASR: share of triggered evaluation images whose true class is not the "
+                 "target that the model calls the target. Numbers measured from the saved (fp16) weights.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(found: dict[str, dict], png: Path, models: Path = MODELS) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name in found:
+        points = [json.loads(line) for line in (models / name / "curve.jsonl").read_text().splitlines()]
+        steps = [p["step"] for p in points]
+        left.plot(steps, [p["clean_acc"] for p in points], marker=".", label=name)
+        if "asr_trigger" in points[0]:
+            right.plot(steps, [p["asr_trigger"] for p in points], marker=".", label=name)
+    left.set(title="clean zero-shot accuracy (%)", xlabel="step")
+    right.set(title="attack success rate (%)", xlabel="step of poisoned fine-tuning")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def main() -> int:
+    found = cards()
+    docs = Path(__file__).parent.parent / "docs"
+    (docs / "organism-table.md").write_text(table(found))
+    plot(found, docs / "organism-curves.png")
+    print(table(found))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
