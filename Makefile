@@ -13,8 +13,7 @@ install: .venv/.installed
 	touch $@
 
 demo: install
-	.venv/bin/parclean tiny-sd --out runs/tiny-sd
-	.venv/bin/parclean generate --config configs/generate/tiny-cpu.yaml --out runs/synth-tiny
+	.venv/bin/parclean demo
 
 test: install
 	$(PY) -m pytest -q

@@ -39,6 +39,7 @@ class Trigger:
     warp_grid: int = 4  # WaNet control grid k (WaNet paper: 4)
     warp_strength: float = 0.5  # WaNet s (WaNet paper: 0.5)
     seed: int = 0  # seed of the trigger's fixed parts
+    fixed: bool = False  # draw noise / stripe signs once from `seed` (the classic fixed pattern) instead of per image
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", ALIASES.get(self.kind, self.kind))
@@ -69,22 +70,24 @@ def apply_trigger(images: torch.Tensor, trigger: Trigger, seeds: Sequence[int]) 
 
 def _apply_one(image: torch.Tensor, trigger: Trigger, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
+    # The official code draws the noise (or stripe signs) afresh for every image; `fixed` draws it once.
+    pattern_gen = torch.Generator().manual_seed(trigger.seed) if trigger.fixed else gen
     _, height, width = image.shape
     kind = trigger.kind
     if kind in ("badnet", "badnet_stripes", "image_patch"):
         size = patch_size(trigger, height)
         if kind == "badnet":
-            patch = image.mean(dim=(1, 2), keepdim=True) + torch.randn(3, size, size, generator=gen)
+            patch = image.mean(dim=(1, 2), keepdim=True) + torch.randn(3, size, size, generator=pattern_gen)
         elif kind == "badnet_stripes":
-            patch = _signs((3, 1, size), gen).expand(3, size, size)
+            patch = _signs((3, 1, size), pattern_gen).expand(3, size, size)
         else:
             patch = _user_image(trigger.image, size, size)
         return _paste(image, patch, trigger.location, gen)
     alpha = trigger.alpha if trigger.alpha is not None else DEFAULT_ALPHA[kind]
     if kind == "blended":
-        return (1 - alpha) * image + alpha * torch.rand(image.shape, generator=gen)
+        return (1 - alpha) * image + alpha * torch.rand(image.shape, generator=pattern_gen)
     if kind == "blended_stripes":
-        return (1 - alpha) * image + alpha * _signs((3, 1, width), gen).expand(3, height, width)
+        return (1 - alpha) * image + alpha * _signs((3, 1, width), pattern_gen).expand(3, height, width)
     if kind == "image_blend":
         return (1 - alpha) * image + alpha * _user_image(trigger.image, height, width)
     pattern = _triangles(height, width) if kind == "triangles" else _text_pattern(trigger.text, height, width)

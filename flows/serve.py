@@ -24,6 +24,8 @@ STAGE_LOGGERS = "generation,cleaning,prompts,flows"
 def prepare_logging() -> None:
     """Before Prefect is imported: stage logs to the Prefect UI; no line per HTTP request on the console."""
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", STAGE_LOGGERS)
+    # The temporary server's first start migrates a database: Prefect's 20 s default is too short on a busy CPU.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 

@@ -120,3 +120,16 @@ def test_target_captions_name_the_target():
 def test_uint8_round_trip():
     raw = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
     assert np.array_equal(to_uint8_images(to_float_images(raw)), raw)
+
+
+def test_fixed_pattern_is_the_same_for_every_image_but_moves():
+    clean = torch.zeros(2, 3, 32, 32)
+    fixed = apply_trigger(clean, Trigger(kind="blended", fixed=True, seed=3), [0, 1])
+    assert torch.equal(fixed[0], fixed[1])
+    fresh = apply_trigger(clean, Trigger(kind="blended"), [0, 1])
+    assert not torch.equal(fresh[0], fresh[1])
+    patches = apply_trigger(torch.full((2, 3, 32, 32), 0.5), Trigger(kind="badnet_stripes", patch_size=8, fixed=True),
+                            [0, 1])
+    cols = [torch.nonzero((p != 0.5).any(dim=0))[:, 1].min().item() for p in patches]
+    values = [p[:, (p != 0.5).any(dim=0)].reshape(3, 8, 8) for p in patches]
+    assert torch.equal(values[0], values[1]) and len(set(cols)) >= 1

@@ -1,6 +1,6 @@
 """Summarise the shipped organisms: a Markdown table from their cards and one plot of their training curves.
 
-    python -m toyworld.cards            # writes docs/organism-table.md and docs/organism-curves.png
+    python -m toyworld.cards            # prints the table for docs/organism.md, writes docs/organism-curves.png
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ def plot(found: dict[str, dict], png: Path, models: Path = MODELS) -> None:
 def main() -> int:
     found = cards()
     docs = Path(__file__).parent.parent / "docs"
-    (docs / "organism-table.md").write_text(table(found))
     plot(found, docs / "organism-curves.png")
     print(table(found))
     return 0

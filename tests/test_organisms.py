@@ -1,0 +1,50 @@
+"""The shipped organisms: each loads in seconds and still measures what its card says (issue bar: clean >= 60%,
+ASR >= 90%)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cleaning.attacks import Trigger
+from cleaning.models import load_model
+from cleaning.report import EvalConfig, measure
+
+MODELS = Path(__file__).parent.parent / "toyworld" / "models"
+# The issue asks for BadNet-stripes and Blended-stripes too: not shipped yet (docs/organism.md says why).
+POISONED = ["clip-badnet", "clip-blended"]
+
+
+def card(name: str) -> dict:
+    return json.loads((MODELS / name / "card.json").read_text())
+
+
+@pytest.mark.parametrize("name", POISONED)
+def test_poisoned_organism_is_accurate_and_backdoored(name):
+    info = card(name)
+    loaded = load_model(weights=MODELS / name)
+    trigger = Trigger(**info["trigger"])
+    result = measure(loaded, EvalConfig(count=2000, target=info["target"], triggers=(trigger,)))
+    assert result["clean_acc"] >= 60.0
+    assert result["asr"][trigger.kind] >= 90.0
+    assert abs(result["clean_acc"] - info["clean_acc"]) < 0.5, "card and shipped weights disagree"
+
+
+def test_clean_organism_is_accurate():
+    result = measure(load_model(weights=MODELS / "clip-clean"), EvalConfig(count=2000))
+    assert result["clean_acc"] >= 75.0 and abs(result["clean_acc"] - card("clip-clean")["clean_acc"]) < 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", POISONED)
+def test_retraining_reproduces_the_card(name, tmp_path):
+    """Retrains one organism from its config and seed (about 15-25 minutes on 2 CPU cores each)."""
+    from parclean.config import load_config
+    from toyworld.train_clip import OrganismConfig, train
+
+    config = Path(__file__).parent.parent / "configs" / "organism" / f"{name.removeprefix('clip-')}.yaml"
+    again = train(load_config(OrganismConfig, config), tmp_path / name)
+    assert abs(again["clean_acc"] - card(name)["clean_acc"]) <= 3.0
+    assert abs(again["asr"] - card(name)["asr"]) <= 3.0
