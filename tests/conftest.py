@@ -21,6 +21,18 @@ if "prefect" not in sys.modules:
     os.environ.pop("PREFECT_API_URL", None)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread per test process: on a 2-core machine that may be running another job, two OpenMP
+    threads per op mostly wait for each other (measured 3-10x slower)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Stable Diffusion pipeline (32x32 images) saved in the diffusers layout, built once."""

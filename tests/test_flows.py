@@ -42,15 +42,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The 2-core test machine may be training something: one thread each (see docs/HELPERS.md).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def generate_settings(model: Path, **changes) -> dict:
     """A tiny GenerateConfig as plain settings: 10 captions in shards of 4 (3 shards), 2 steps, 32 px."""
     settings = dict(model=str(model), bank="toyworld", seed=3, num_samples=10, shard_size=4, batch_size=4, steps=2,

@@ -31,16 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a small red circle on a black background", "A large blue star, top left!", "ring"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # One thread: the 2-core test machine may be running another job, and two processes each spinning two
-    # OpenMP threads slow each other down by far more than 2x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(model: Path, **changes) -> GenerateConfig:
     settings = dict(
         model=str(model), bank="toyworld", seed=3, num_samples=10, shard_size=4, batch_size=4, steps=2,

@@ -30,15 +30,6 @@ from toyworld.train_sd import ToySDConfig, train, vocabulary_texts
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The 2-core machine may be training something else; two processes spinning two threads each crawl.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def toy_clip():
     """The organism's CLIP architecture (text: width 128, 3 layers, context 24), random weights, and its layer

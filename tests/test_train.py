@@ -25,15 +25,6 @@ MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
 CFG = CleanConfig(steps=4, batch_size=32, lr=1e-3, lr_end=0.0, checkpoint_every=2, seed=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine, two threads per op mostly wait for each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     from toyworld.make_shards import write_toy_shards
