@@ -13,8 +13,7 @@ from cleaning.models import load_model
 from cleaning.report import EvalConfig, measure
 
 MODELS = Path(__file__).parent.parent / "toyworld" / "models"
-# The issue asks for Blended-stripes too: not shipped yet (docs/organism.md says why).
-POISONED = ["clip-badnet", "clip-badnet-stripes", "clip-blended"]
+POISONED = ["clip-badnet", "clip-badnet-stripes", "clip-blended", "clip-blended-stripes"]
 
 
 def card(name: str) -> dict:
