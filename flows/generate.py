@@ -25,7 +25,14 @@ from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from generation.config import GenerateConfig
-from generation.run import check_output_folder, generate_shard, record_config, shard_plan, write_set_manifest
+from generation.run import (
+    check_output_folder,
+    generate_shard,
+    record_config,
+    run_summary,
+    shard_plan,
+    write_set_manifest,
+)
 from generation.shards import shard_is_complete
 from parclean.config import ConfigError, from_dict, load_config, to_dict
 
@@ -205,18 +212,8 @@ def _gpu_slot(limit: str | None) -> Iterator[None]:
 
 def _summary(cfg: GenerateConfig, out: str, manifest: str, results: list[dict], seconds: float) -> dict[str, Any]:
     written = [r for r in results if r["written"]]
-    images = sum(r["count"] for r in written)
-    return {
-        "out_dir": out,
-        "manifest": manifest,
-        "shards": cfg.num_shards,
-        "shards_written": len(written),
-        "shards_skipped": len(results) - len(written),
-        "samples": cfg.num_samples,
-        "images_generated": images,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(images / seconds, 3) if images else None,
-    }
+    return run_summary(cfg, out, manifest, shards=cfg.num_shards, written=len(written),
+                       images=sum(r["count"] for r in written), seconds=seconds)
 
 
 def _summary_markdown(summary: dict[str, Any]) -> str:

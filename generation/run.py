@@ -68,12 +68,18 @@ def generate_shards(cfg: GenerateConfig, out_dir: str | Path, *, progress: bool 
     bar.close()
     seconds = time.perf_counter() - start
     manifest = write_set_manifest(cfg, out_dir, len(plan), records)
+    return run_summary(cfg, out_dir, manifest, shards=len(plan), written=len(todo), images=images, seconds=seconds)
+
+
+def run_summary(cfg: GenerateConfig, out_dir: str | Path, manifest: str | Path, *, shards: int, written: int,
+                images: int, seconds: float) -> dict:
+    """The small summary a generation run returns (and a flow publishes)."""
     return {
         "out_dir": str(out_dir),
         "manifest": str(manifest),
-        "shards": len(plan),
-        "shards_written": len(todo),
-        "shards_skipped": len(plan) - len(todo),
+        "shards": shards,
+        "shards_written": written,
+        "shards_skipped": shards - written,
         "samples": cfg.num_samples,
         "images_generated": images,
         "seconds": round(seconds, 3),
