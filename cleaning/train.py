@@ -92,6 +92,7 @@ class CleanConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     threads: int = 0  # torch CPU threads per process; 0: torch's default (1 is faster on a busy CPU)
+    frozen: tuple[str, ...] = ()  # parameter-name prefixes kept fixed, e.g. ["visual.proj", "text_projection"]
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
@@ -180,6 +181,7 @@ def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path 
         reference = copy.deepcopy(loaded.model) if isinstance(model, LoadedModel) else _load(model, pretrained).model
         reference.eval().requires_grad_(False).to(accelerator.device)
     loaded.model.logit_scale.requires_grad_(False)  # official train.py uses logit_scale.exp().item(): a constant
+    _freeze(loaded.model, cfg.frozen)
     optimizer = torch.optim.AdamW(parameter_groups(loaded.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   eps=cfg.eps)
     scheduler = LambdaLR(optimizer, lambda step: learning_rate(cfg, step) / cfg.lr)
@@ -257,6 +259,17 @@ def _load(model: str | Path, pretrained: str | None) -> LoadedModel:
     if pretrained is not None:
         return load_model(str(model), pretrained=pretrained)
     return load_model(weights=model)
+
+
+def _freeze(model: torch.nn.Module, prefixes: tuple[str, ...]) -> None:
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in prefixes:
+        matched = [name for name in names if name.startswith(prefix)]
+        if not matched:
+            raise ValueError(f"frozen: no parameter name starts with {prefix!r} (e.g. {', '.join(names[:3])})")
+        for name, parameter in model.named_parameters():
+            if name in matched:
+                parameter.requires_grad_(False)
 
 
 def _local_batch_size(cfg: CleanConfig, world: int) -> int:

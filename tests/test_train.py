@@ -231,3 +231,14 @@ def test_cleanclip_views_are_deterministic_and_keep_the_token_layout() -> None:
     assert (augmented[:, 0] == tokens[0, 0]).all() and (augmented.argmax(dim=1) <= tokens.argmax(dim=1)).all()
     assert (augmented.max(dim=1).values == tokens.max()).all()  # the end token stays
     assert not torch.equal(augmented, tokens)
+
+
+def test_frozen_prefixes_stay_fixed_and_unknown_ones_are_refused(shards, model_path, tmp_path):
+    cfg = replace(CFG, steps=2, frozen=("visual.proj", "text_projection"))
+    clean(cfg, model_path, shards, tmp_path / "frozen", progress=False)
+    before, after = load_file(model_path), load_file(tmp_path / "frozen" / "model.safetensors")
+    for name in ("visual.proj", "text_projection"):
+        assert torch.equal(before[name], after[name]), name
+    assert not torch.equal(before["visual.conv1.weight"], after["visual.conv1.weight"])
+    with pytest.raises(ValueError, match="frozen: no parameter name starts with 'visual.projection'"):
+        clean(replace(CFG, frozen=("visual.projection",)), model_path, shards, tmp_path / "bad", progress=False)

@@ -1,0 +1,335 @@
+"""The efficacy table: PAR against FT and CleanCLIP on every shipped poisoned organism, real and generated pairs.
+
+    python -m bench.results --config configs/results/toy.yaml            # run what is missing, write the doc
+    python -m bench.results --config configs/results/toy.yaml --only organism=clip-badnet --only seed=0
+    python -m bench.results --config configs/results/toy.yaml --report    # only rewrite docs/results.md
+
+Each cell (organism, data, method, seed, sweep point) cleans the organism with the method's recipe plus the
+shared budget overrides, measures clean accuracy and ASR on the organism's own trigger, and appends one JSON
+row to the rows file (docs/results.jsonl). A rerun skips cells already measured and resumes a killed cell from its last
+checkpoint, so the table can be built over several sittings and on several machines (split with --only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from parclean.config import load_config, parse_override
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # as shown in the table: PAR, FT, CleanCLIP
+    config: str  # clean recipe (configs/clean/)
+
+
+@dataclass(frozen=True)
+class DataSet:
+    name: str  # as shown in the table, e.g. "real" or "toy-sd"
+    shards: str
+    command: str = ""  # how the shard set was made (printed in the doc)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """PAR's trade-off: one organism and data set, every combination of the listed values."""
+
+    organism: str = "clip-badnet"
+    data: str = "real"
+    method: str = "PAR"
+    tau: tuple[float, ...] = ()
+    steps: tuple[int, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
+class ResultsConfig:
+    organisms: tuple[str, ...]
+    data: tuple[DataSet, ...]
+    methods: tuple[Method, ...]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    budget: dict[str, Any] = field(default_factory=dict)  # overrides shared by every method (steps, batch_size)
+    models_dir: str = "toyworld/models"
+    eval_count: int = 2000
+    work: str = "out/results"  # cleaning runs (checkpoints, weights): large, not in git
+    rows: str = "docs/results.jsonl"  # one measured row per cell: small, kept in git beside the document
+    doc: str = "docs/results.md"
+    real_bar: tuple[float, float] = (10.0, 3.0)  # (max ASR, max clean-accuracy drop) with real pairs
+    generated_bar: tuple[float, float] = (10.0, 5.0)  # the same with generated (data-free) pairs
+    sweep: Sweep | None = None
+
+
+@dataclass(frozen=True)
+class Cell:
+    organism: str
+    data: str
+    method: str
+    seed: int
+    overrides: tuple[tuple[str, Any], ...] = ()  # sweep settings on top of the budget
+
+    @property
+    def key(self) -> str:
+        extra = "".join(f"-{k}{v}" for k, v in self.overrides)
+        return f"{self.organism}/{self.data}/{self.method}/seed{self.seed}{extra}"
+
+
+def cells(cfg: ResultsConfig) -> list[Cell]:
+    """The table's cells, then the sweep's, without repeats (a sweep point equal to the recipe is a table cell)."""
+    table = [Cell(o, d.name, m.name, s) for o in cfg.organisms for d in cfg.data for m in cfg.methods
+             for s in cfg.seeds]
+    sweep = []
+    if cfg.sweep is not None:
+        sw = cfg.sweep
+        base = recipe(cfg, sw.method, {})
+        for tau in sw.tau or (base.tau,):
+            for steps in sw.steps or (base.steps,):
+                extra = tuple((k, v) for k, v in (("tau", tau), ("steps", steps)) if v != getattr(base, k))
+                sweep += [Cell(sw.organism, sw.data, sw.method, s, extra) for s in sw.seeds]
+    return list(dict.fromkeys(table + sweep))
+
+
+def recipe(cfg: ResultsConfig, method: str, overrides: dict[str, Any]):
+    """The method's clean config with the shared budget and `overrides` applied."""
+    from cleaning.train import CleanConfig
+
+    methods = {m.name: m for m in cfg.methods}
+    if method not in methods:
+        raise ValueError(f"method {method!r} is not among the configured methods ({', '.join(methods)})")
+    return load_config(CleanConfig, methods[method].config, {**cfg.budget, **overrides})
+
+
+def read_rows(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.exists():
+        return {}
+    rows = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}:{number}: not a JSON row (delete the line to re-measure it)") from None
+            rows[row["key"]] = row
+    return rows
+
+
+def organism_eval(cfg: ResultsConfig, organism: str):
+    """The organism's own evaluation: its card's trigger and target, cfg.eval_count fresh toy images."""
+    from cleaning.attacks import Trigger
+    from cleaning.report import EvalConfig
+
+    card_path = Path(cfg.models_dir) / organism / "card.json"
+    if not card_path.exists():
+        raise FileNotFoundError(f"{card_path}: no organism card (is {organism!r} a shipped organism?)")
+    card = json.loads(card_path.read_text())
+    trigger = Trigger(**card["trigger"])
+    return EvalConfig(count=cfg.eval_count, target=card["target"], triggers=(trigger,)), trigger.kind
+
+
+def measure_model(cfg: ResultsConfig, organism: str, weights: Path) -> dict[str, float]:
+    from cleaning.models import load_model
+    from cleaning.report import measure
+
+    eval_cfg, kind = organism_eval(cfg, organism)
+    result = measure(load_model(weights=weights), eval_cfg)
+    return {"clean_acc": round(result["clean_acc"], 2), "asr": round(result["asr"][kind], 2)}
+
+
+def run_cell(cfg: ResultsConfig, cell: Cell, work: Path) -> dict[str, Any]:
+    from cleaning.train import clean
+
+    data = {d.name: d for d in cfg.data}[cell.data]
+    settings = recipe(cfg, cell.method, {"seed": cell.seed, **dict(cell.overrides)})
+    out = work / "runs" / cell.key
+    began = time.perf_counter()
+    result = clean(settings, Path(cfg.models_dir) / cell.organism, data.shards, out, progress=False)
+    seconds = time.perf_counter() - began
+    last = json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])
+    row = {"key": cell.key, "organism": cell.organism, "data": cell.data, "method": cell.method, "seed": cell.seed,
+           "tau": settings.tau if settings.objective == "par" else None, "steps": settings.steps,
+           "batch_size": settings.batch_size,
+           **measure_model(cfg, cell.organism, Path(result["model"])), "seconds": round(seconds, 1),
+           "d_img": last.get("d_img"), "d_txt": last.get("d_txt")}
+    return row
+
+
+def run(cfg: ResultsConfig, only: dict[str, str]) -> None:
+    work = Path(cfg.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows_path = Path(cfg.rows)
+    rows_path.parent.mkdir(parents=True, exist_ok=True)
+    done = read_rows(rows_path)
+    for organism in cfg.organisms:
+        key = f"{organism}/poisoned"
+        if key not in done and _selected({"organism": organism}, only):
+            row = {"key": key, "organism": organism, "method": "poisoned", "trigger": organism_eval(cfg, organism)[1],
+                   **measure_model(cfg, organism, Path(cfg.models_dir) / organism)}
+            _append(rows_path, row)
+            done[key] = row
+    todo = [c for c in cells(cfg) if c.key not in done and _selected(
+        {"organism": c.organism, "data": c.data, "method": c.method, "seed": str(c.seed)}, only)]
+    for number, cell in enumerate(todo, 1):
+        log.info("[%d/%d] %s", number, len(todo), cell.key)
+        row = run_cell(cfg, cell, work)
+        _append(rows_path, row)
+        log.info("%s: clean %.1f, ASR %.1f (%.0f s)", cell.key, row["clean_acc"], row["asr"], row["seconds"])
+
+
+def _selected(values: dict[str, str], only: dict[str, str]) -> bool:
+    return all(values.get(k) is None or values[k] == str(v) for k, v in only.items())
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+# --------------------------------------------------------------------------------------------- the document
+
+
+def summary(cfg: ResultsConfig, rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and spread over seeds for each table cell that has rows, with the bar it is judged against."""
+    out = []
+    for organism in cfg.organisms:
+        poisoned = rows.get(f"{organism}/poisoned")
+        for data in cfg.data:
+            bar = cfg.real_bar if data.name == cfg.data[0].name else cfg.generated_bar
+            for method in cfg.methods:
+                found = [rows[Cell(organism, data.name, method.name, s).key] for s in cfg.seeds
+                         if Cell(organism, data.name, method.name, s).key in rows]
+                if not found or poisoned is None:
+                    continue
+                acc = [r["clean_acc"] for r in found]
+                asr = [r["asr"] for r in found]
+                meets = statistics.mean(asr) <= bar[0] and statistics.mean(acc) >= poisoned["clean_acc"] - bar[1]
+                out.append({"organism": organism, "data": data.name, "method": method.name, "seeds": len(found),
+                            "trigger": poisoned.get("trigger", ""), "poisoned_acc": poisoned["clean_acc"],
+                            "poisoned_asr": poisoned["asr"],
+                            "acc": statistics.mean(acc), "acc_sd": _sd(acc), "asr": statistics.mean(asr),
+                            "asr_sd": _sd(asr), "bar": bar, "meets": meets})
+    return out
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table_markdown(summary_rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | trigger | data | method | seeds | clean acc (poisoned) | ASR (poisoned) | bar | meets |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary_rows:
+        bar = f"ASR <= {r['bar'][0]:g}, acc >= {r['poisoned_acc'] - r['bar'][1]:.1f}"
+        lines.append(f"| {r['organism']} | {r['trigger']} | {r['data']} | {r['method']} | {r['seeds']} | "
+                     f"{r['acc']:.1f} ± {r['acc_sd']:.1f} ({r['poisoned_acc']:.1f}) | "
+                     f"{r['asr']:.1f} ± {r['asr_sd']:.1f} ({r['poisoned_asr']:.1f}) | {bar} | "
+                     f"{'yes' if r['meets'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def sweep_rows(cfg: ResultsConfig, rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean over the sweep's seeds at each (tau, steps) measured, table cells included."""
+    if cfg.sweep is None:
+        return []
+    sw = cfg.sweep
+    grouped: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows.values():
+        if (row.get("organism"), row.get("data"), row.get("method")) == (sw.organism, sw.data, sw.method) \
+                and row.get("seed") in sw.seeds:
+            grouped[(row["tau"], row["steps"])].append(row)
+    return [{"tau": tau, "steps": steps, "seeds": len(found),
+             "acc": statistics.mean(r["clean_acc"] for r in found), "asr": statistics.mean(r["asr"] for r in found),
+             "d_img": statistics.mean(r["d_img"] or 0 for r in found)}
+            for (tau, steps), found in sorted(grouped.items())]
+
+
+def plot_sweep(points: list[dict[str, Any]], poisoned: dict[str, Any] | None, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    for steps in sorted({p["steps"] for p in points}):
+        line = [p for p in points if p["steps"] == steps]
+        axis.plot([p["asr"] for p in line], [p["acc"] for p in line], "o-", label=f"PAR, {steps} steps")
+        for p in line:
+            axis.annotate(f"tau {p['tau']:g}", (p["asr"], p["acc"]), fontsize=7, xytext=(3, 3),
+                          textcoords="offset points")
+    if poisoned:
+        axis.plot([poisoned["asr"]], [poisoned["clean_acc"]], "kx", label="poisoned")
+    axis.set_xlabel("attack success rate (%)")
+    axis.set_ylabel("clean zero-shot accuracy (%)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(png, dpi=120)
+    plt.close(figure)
+
+
+def write_doc(cfg: ResultsConfig, config_path: str) -> Path:
+    rows = read_rows(Path(cfg.rows))
+    doc = Path(cfg.doc)
+    parts = [GENERATED_NOTE.format(config=config_path), "## Table", "", table_markdown(summary(cfg, rows)), ""]
+    points = sweep_rows(cfg, rows)
+    if points:
+        png = doc.with_name("results-sweep.png")
+        plot_sweep(points, rows.get(f"{cfg.sweep.organism}/poisoned"), png)
+        parts += ["## PAR's trade-off (sweep)", "",
+                  f"{cfg.sweep.organism}, {cfg.sweep.data} pairs, seeds {list(cfg.sweep.seeds)}.", "",
+                  "| tau | steps | seeds | clean acc | ASR | image distance at the end |", "|---|---|---|---|---|---|"]
+        parts += [f"| {p['tau']} | {p['steps']} | {p['seeds']} | {p['acc']:.1f} | {p['asr']:.1f} | {p['d_img']:.2f} |"
+                  for p in points]
+        parts += ["", f"![trade-off]({png.name})", ""]
+    parts += ["## Data sets and recipes", ""]
+    parts += [f"- **{d.name}**: `{d.shards}`" + (f" (`{d.command}`)" if d.command else "") for d in cfg.data]
+    parts += [f"- **{m.name}**: `{m.config}`" for m in cfg.methods]
+    parts += [f"- shared budget: `{json.dumps(cfg.budget)}`; seeds {list(cfg.seeds)}; "
+              f"{cfg.eval_count} fresh evaluation images per model", ""]
+    marker = "<!-- notes -->"
+    notes = doc.read_text().split(marker, 1)[1] if doc.exists() and marker in doc.read_text() else "\n"
+    doc.write_text("\n".join(parts) + marker + notes)
+    return doc
+
+
+GENERATED_NOTE = """# Results: cleaning the toy organisms
+
+Made by `python -m bench.results --config {config}` (the tables above the notes are rewritten on every run;
+one JSON row per cleaning run in docs/results.jsonl). Mean ± standard deviation over seeds; clean accuracy
+is zero-shot top-1 over the 10 toy classes (chance 10%), ASR the share of triggered non-target images classified
+as the target. In brackets: the poisoned model before cleaning.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.results", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/results/toy.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--only", action="append", default=[], metavar="FIELD=VALUE",
+                        help="run only matching cells: organism, data, method or seed (repeatable)")
+    parser.add_argument("--report", action="store_true", help="only rewrite the document from the rows")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(ResultsConfig, args.config, dict(parse_override(s) for s in args.set))
+        only = dict(parse_override(s) for s in args.only)
+        if not args.report:
+            run(cfg, only)
+        print(write_doc(cfg, args.config))
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
