@@ -272,3 +272,16 @@ def test_shipped_toy_sd_reaches_its_fidelity_target():
     result = fidelity(folder, judge, count=200)
     assert result["fidelity"] >= 70, result
     assert result["judge_real_accuracy"] > result["chance"] + 50
+
+
+def test_fidelity_curve_plots_the_training_log(tmp_path):
+    from toyworld.fidelity import plot_curve
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps(row) for row in [{"phase": "unet", "step": 25, "loss": 0.5},
+                                                          {"phase": "unet", "step": 500, "fidelity": 11.0},
+                                                          {"phase": "unet", "step": 1000, "fidelity": 24.0}]))
+    assert plot_curve(log, tmp_path / "curve.png", final=30.0).stat().st_size > 5000
+    log.write_text(json.dumps({"phase": "vae", "step": 25}))
+    with pytest.raises(ValueError, match="no fidelity lines"):
+        plot_curve(log, tmp_path / "none.png")

@@ -146,6 +146,36 @@ def save_grid(images: torch.Tensor, captions: Sequence[str], path: str | Path, *
     return path
 
 
+def plot_curve(log_path: str | Path, png_path: str | Path, final: float | None = None) -> Path:
+    """Fidelity (100 held-out captions, every 500 UNet steps, from the trainer's log.jsonl) against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    points = [(row["step"], row["fidelity"]) for row in rows if "fidelity" in row]
+    if not points:
+        raise ValueError(f"{log_path}: no fidelity lines (the trainer writes one every eval.every UNet steps)")
+    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    steps, values = [step for step, _ in points], [value for _, value in points]
+    axis.plot(steps, values, "o-", label="in training: 100 held-out captions")
+    if final is not None:
+        axis.plot([points[-1][0]], [final], "s", color="C3", label=f"final: 500 held-out captions ({final:.1f}%)")
+    axis.axhline(70, color="gray", ls="--", lw=1, label="target 70%")
+    axis.axhline(10, color="gray", ls=":", lw=1, label="chance 10%")
+    axis.set_xlabel("UNet step (batch 64)")
+    axis.set_ylabel("fidelity (%)")
+    axis.set_ylim(0, 100)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    png_path = Path(png_path)
+    figure.savefig(png_path, dpi=120)
+    plt.close(figure)
+    return png_path
+
+
 def update_card(pipeline_path: str | Path, result: dict, command: str) -> Path:
     """Merge the fidelity result into the pipeline folder's card.json (written by the trainer)."""
     card_path = Path(pipeline_path) / "card.json"
@@ -166,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--grid", type=Path, default=None, help="write a PNG grid of the first 40 samples here")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    parser.add_argument("--curve", type=Path, default=None,
+                        help="also plot the training log's fidelity curve and this result to this PNG")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
@@ -178,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = " ".join(["python -m toyworld.fidelity", *(sys.argv[1:] if argv is None else argv)])
     update_card(args.pipeline, result, command)
+    if args.curve is not None:
+        plot_curve(args.pipeline / "log.jsonl", args.curve, final=result["fidelity"])
     print(json.dumps({k: result[k] for k in ("fidelity", "judge_real_accuracy", "chance", "count")}))
     return 0
 
