@@ -229,9 +229,10 @@ def table_markdown(summary_rows: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in summary_rows:
         bar = f"ASR <= {r['bar'][0]:g}, acc >= {r['poisoned_acc'] - r['bar'][1]:.1f}"
+        acc_sd, asr_sd = (f" ± {r['acc_sd']:.1f}", f" ± {r['asr_sd']:.1f}") if r["seeds"] > 1 else ("", "")
         lines.append(f"| {r['organism']} | {r['trigger']} | {r['data']} | {r['method']} | {r['seeds']} | "
-                     f"{r['acc']:.1f} ± {r['acc_sd']:.1f} ({r['poisoned_acc']:.1f}) | "
-                     f"{r['asr']:.1f} ± {r['asr_sd']:.1f} ({r['poisoned_asr']:.1f}) | {bar} | "
+                     f"{r['acc']:.1f}{acc_sd} ({r['poisoned_acc']:.1f}) | "
+                     f"{r['asr']:.1f}{asr_sd} ({r['poisoned_asr']:.1f}) | {bar} | "
                      f"{'yes' if r['meets'] else 'no'} |")
     return "\n".join(lines)
 
@@ -252,7 +253,8 @@ def sweep_rows(cfg: ResultsConfig, rows: dict[str, dict[str, Any]]) -> list[dict
             for (tau, steps), found in sorted(grouped.items())]
 
 
-def plot_sweep(points: list[dict[str, Any]], poisoned: dict[str, Any] | None, png: Path) -> None:
+def plot_sweep(points: list[dict[str, Any]], poisoned: dict[str, Any] | None, png: Path,
+               baselines: dict[str, dict[str, Any]] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,6 +269,8 @@ def plot_sweep(points: list[dict[str, Any]], poisoned: dict[str, Any] | None, pn
                           textcoords="offset points")
     if poisoned:
         axis.plot([poisoned["asr"]], [poisoned["clean_acc"]], "kx", label="poisoned")
+    for (name, row), marker in zip((baselines or {}).items(), "s^v", strict=False):
+        axis.plot([row["asr"]], [row["clean_acc"]], marker, color="gray", label=f"{name}, {row['steps']} steps")
     axis.set_xlabel("attack success rate (%)")
     axis.set_ylabel("clean zero-shot accuracy (%)")
     axis.grid(alpha=0.3)
@@ -283,7 +287,10 @@ def write_doc(cfg: ResultsConfig, config_path: str) -> Path:
     points = sweep_rows(cfg, rows)
     if points:
         png = doc.with_name("results-sweep.png")
-        plot_sweep(points, rows.get(f"{cfg.sweep.organism}/poisoned"), png)
+        sw = cfg.sweep
+        baselines = {m.name: rows[key] for m in cfg.methods if m.name != sw.method
+                     and (key := Cell(sw.organism, sw.data, m.name, sw.seeds[0]).key) in rows}
+        plot_sweep(points, rows.get(f"{sw.organism}/poisoned"), png, baselines)
         parts += ["## PAR's trade-off (sweep)", "",
                   f"{cfg.sweep.organism}, {cfg.sweep.data} pairs, seeds {list(cfg.sweep.seeds)}.", "",
                   "| tau | steps | seeds | clean acc | ASR | image distance at the end |", "|---|---|---|---|---|---|"]
@@ -303,10 +310,12 @@ def write_doc(cfg: ResultsConfig, config_path: str) -> Path:
 
 GENERATED_NOTE = """# Results: cleaning the toy organisms
 
-Made by `python -m bench.results --config {config}` (the tables above the notes are rewritten on every run;
-one JSON row per cleaning run in docs/results.jsonl). Mean ± standard deviation over seeds; clean accuracy
-is zero-shot top-1 over the 10 toy classes (chance 10%), ASR the share of triggered non-target images classified
-as the target. In brackets: the poisoned model before cleaning.
+Made by `python -m bench.results --config {config}` (the tables above the notes are rewritten
+on every run; one JSON row per cleaning run in docs/results.jsonl). Mean ± standard deviation where there are
+several seeds; clean accuracy is zero-shot top-1 over the 10 toy classes (chance 10%) on 2,000 fresh images, ASR
+the share of triggered non-target images classified as the target. In brackets: the poisoned model. "bar": the
+issue's (ASR at most 10% and clean accuracy at most 3 points below the poisoned model with real pairs, 5 with
+generated pairs).
 """
 
 
