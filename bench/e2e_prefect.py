@@ -1,6 +1,6 @@
 """End-to-end check of the flows against a real Prefect server (not the test harness).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/e2e_prefect.py [--work DIR] [--keep]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/e2e_prefect.py [--work DIR] [--keep] [--demo]
 
 1. `prefect server start` on 127.0.0.1 at a free port, PREFECT_HOME in a temporary folder; wait for /api/health.
 2. `parclean run` in a child process (PREFECT_API_URL set for it): a tiny data_free_clean (random tiny SD,
@@ -10,6 +10,7 @@
 4. `prefect deploy --name nightly` from this repository's prefect.yaml to a process work pool: the deployment
    is registered with its schedule (not run: it needs the trained toy models).
 5. Read back through the API (get_client): every flow run COMPLETED, the report and sample artifacts exist.
+   With --demo, `parclean demo` itself (the toy SD, the BadNet organism) also runs against the server first.
 6. Stop the server. Prints `e2e: OK` at the end, or exits non-zero naming the failed check.
 """
 
@@ -43,6 +44,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="working folder (default: a new temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
+    parser.add_argument("--demo", action="store_true",
+                        help="also run `parclean demo` against the server (up to 8 min; reuses runs/shard-cache)")
     args = parser.parse_args()
     work = (args.work or Path(tempfile.mkdtemp(prefix="parclean-e2e-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -63,7 +66,10 @@ def main() -> int:
         step("parclean serve: deployment data-free-clean/e2e ran once")
         deploy_nightly(env, work / "deploy.log")
         step("prefect deploy --name nightly: registered")
-        problems = asyncio.run(check_api(env["PREFECT_API_URL"]))
+        if args.demo:
+            child(["demo", "--out", str(work / "demo")], env, work / "demo.log", timeout=1200)
+            step("parclean demo: finished")
+        problems = asyncio.run(check_api(env["PREFECT_API_URL"], demo=args.demo))
     finally:
         stop(server)
     for problem in problems:
@@ -203,7 +209,7 @@ def deploy_nightly(env: dict, log: Path) -> None:
                                  f"{log.read_text()[-3000:]}")
 
 
-async def check_api(api_url: str) -> list[str]:
+async def check_api(api_url: str, demo: bool = False) -> list[str]:
     """Every flow run COMPLETED, the expected flows and artifacts present, the nightly deployment registered."""
     from prefect.client.orchestration import get_client
 
@@ -217,15 +223,19 @@ async def check_api(api_url: str) -> list[str]:
             if run.state is None or run.state.type.value != "COMPLETED":
                 problems.append(f"flow run {run.name} ({flows[run.flow_id]}) is {run.state}")
         # parclean run: pipeline + generate + clean; the served run: pipeline + clean (the shard set is reused).
-        expected = sorted(["data-free-clean"] * 2 + ["generate-shards"] + ["clean-model"] * 2)
-        if names != expected:
-            problems.append(f"flow runs {names}, expected {expected}")
+        # The demo adds pipeline + clean, and generate unless its shard cache (runs/shard-cache) already holds the set.
+        runs_of_each = 3 if demo else 2
+        expected = sorted(["data-free-clean"] * runs_of_each + ["clean-model"] * runs_of_each)
+        generated = names.count("generate-shards")
+        if [name for name in names if name != "generate-shards"] != expected or generated not in ((1, 2) if demo
+                                                                                                  else (1,)):
+            problems.append(f"flow runs {names}, expected {expected} and one or two generate-shards")
         keys = {artifact.key for artifact in await client.read_artifacts() if artifact.key}
         if not EXPECTED_ARTIFACTS <= keys:
             problems.append(f"artifacts missing: {sorted(EXPECTED_ARTIFACTS - keys)}")
         reports = [a for a in await client.read_artifacts() if a.key == "cleaning-report"]
-        if len(reports) != 2 or not all("| clean accuracy (%) |" in a.data for a in reports):
-            problems.append(f"{len(reports)} cleaning-report artifacts, expected 2 with the before/after table")
+        if len(reports) != runs_of_each or not all("| clean accuracy (%) |" in a.data for a in reports):
+            problems.append(f"{len(reports)} cleaning-report artifacts, expected {runs_of_each} with the table")
         nightly = await client.read_deployment_by_name("data-free-clean/nightly")
         crons = [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules]
         if crons != [("0 2 * * *", "UTC")] or nightly.work_pool_name != "parclean-process":
