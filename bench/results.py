@@ -39,6 +39,7 @@ class DataSet:
     name: str  # as shown in the table, e.g. "real" or "toy-sd"
     shards: str
     command: str = ""  # how the shard set was made (printed in the doc)
+    bar: tuple[float, float] = (10.0, 3.0)  # (max ASR, max clean-accuracy drop from the poisoned model)
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,6 @@ class ResultsConfig:
     work: str = "out/results"  # cleaning runs (checkpoints, weights): large, not in git
     rows: str = "docs/results.jsonl"  # one measured row per cell: small, kept in git beside the document
     doc: str = "docs/results.md"
-    real_bar: tuple[float, float] = (10.0, 3.0)  # (max ASR, max clean-accuracy drop) with real pairs
-    generated_bar: tuple[float, float] = (10.0, 5.0)  # the same with generated (data-free) pairs
     sweep: Sweep | None = None
 
 
@@ -203,10 +202,10 @@ def summary(cfg: ResultsConfig, rows: dict[str, dict[str, Any]]) -> list[dict[st
     for organism in cfg.organisms:
         poisoned = rows.get(f"{organism}/poisoned")
         for data in cfg.data:
-            bar = cfg.real_bar if data.name == cfg.data[0].name else cfg.generated_bar
+            bar = data.bar
             for method in cfg.methods:
-                found = [rows[Cell(organism, data.name, method.name, s).key] for s in cfg.seeds
-                         if Cell(organism, data.name, method.name, s).key in rows]
+                keys = [Cell(organism, data.name, method.name, s).key for s in cfg.seeds]
+                found = [rows[key] for key in keys if key in rows]
                 if not found or poisoned is None:
                     continue
                 acc = [r["clean_acc"] for r in found]
@@ -303,7 +302,8 @@ def write_doc(cfg: ResultsConfig, config_path: str) -> Path:
     parts += [f"- shared budget: `{json.dumps(cfg.budget)}`; seeds {list(cfg.seeds)}; "
               f"{cfg.eval_count} fresh evaluation images per model", ""]
     marker = "<!-- notes -->"
-    notes = doc.read_text().split(marker, 1)[1] if doc.exists() and marker in doc.read_text() else "\n"
+    old = doc.read_text() if doc.exists() else ""
+    notes = old.split(marker, 1)[1] if marker in old else "\n"
     doc.write_text("\n".join(parts) + marker + notes)
     return doc
 

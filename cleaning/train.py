@@ -262,14 +262,14 @@ def _load(model: str | Path, pretrained: str | None) -> LoadedModel:
 
 
 def _freeze(model: torch.nn.Module, prefixes: tuple[str, ...]) -> None:
-    names = [name for name, _ in model.named_parameters()]
+    parameters = dict(model.named_parameters())
     for prefix in prefixes:
-        matched = [name for name in names if name.startswith(prefix)]
+        matched = [parameter for name, parameter in parameters.items() if name.startswith(prefix)]
         if not matched:
-            raise ValueError(f"frozen: no parameter name starts with {prefix!r} (e.g. {', '.join(names[:3])})")
-        for name, parameter in model.named_parameters():
-            if name in matched:
-                parameter.requires_grad_(False)
+            examples = ", ".join(list(parameters)[:3])
+            raise ValueError(f"frozen: no parameter name starts with {prefix!r} (e.g. {examples})")
+        for parameter in matched:
+            parameter.requires_grad_(False)
 
 
 def _local_batch_size(cfg: CleanConfig, world: int) -> int:
