@@ -73,12 +73,18 @@ def par_loss(image_features: Tensor, text_features: Tensor, reference_image_feat
     (`loss_sum = lossclip - 0.5 * (img_loss + text_loss)`, each thresholded to 0 above `loss_thresh`).
     """
     clip = clip_loss(image_features, text_features, logit_scale)
+    pert, distances = perturbation(image_features, text_features, reference_image_features,
+                                   reference_text_features, tau)
+    terms = {"clip": clip, **distances, "pert": pert}
+    return clip - pert, {name: value.detach() for name, value in terms.items()}
+
+
+def perturbation(image_features: Tensor, text_features: Tensor, reference_image_features: Tensor,
+                 reference_text_features: Tensor, tau: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """L_PERT = 0.5 * (T(d_img) + T(d_txt)), and the two distances."""
     d_img = perturbation_distance(image_features, reference_image_features)
     d_txt = perturbation_distance(text_features, reference_text_features)
-    pert = 0.5 * (capped(d_img, tau) + capped(d_txt, tau))
-    total = clip - pert
-    terms = {"clip": clip, "d_img": d_img, "d_txt": d_txt, "pert": pert}
-    return total, {name: value.detach() for name, value in terms.items()}
+    return 0.5 * (capped(d_img, tau) + capped(d_txt, tau)), {"d_img": d_img, "d_txt": d_txt}
 
 
 def ft_loss(image_features: Tensor, text_features: Tensor,
@@ -110,3 +116,18 @@ def cleanclip_loss(image_features: Tensor, text_features: Tensor, augmented_imag
     total = clip_weight * clip + inmodal_weight * inmodal
     terms = {"clip": clip, "inmodal_img": inmodal_img, "inmodal_txt": inmodal_txt, "inmodal": inmodal}
     return total, {name: value.detach() for name, value in terms.items()}
+
+
+def par_cleanclip_loss(image_features: Tensor, text_features: Tensor, augmented_image_features: Tensor,
+                       augmented_text_features: Tensor, reference_image_features: Tensor,
+                       reference_text_features: Tensor, logit_scale: float | Tensor, tau: float = DEFAULT_TAU,
+                       clip_weight: float = DEFAULT_CLIP_WEIGHT,
+                       inmodal_weight: float = DEFAULT_INMODAL_WEIGHT) -> tuple[Tensor, dict[str, Tensor]]:
+    """PAR's perturbation on top of CleanCLIP (not in the paper; a variant measured beside it):
+    L_CleanCLIP - L_PERT, the distance taken on the original views against the frozen reference."""
+    cleanclip, terms = cleanclip_loss(image_features, text_features, augmented_image_features,
+                                      augmented_text_features, logit_scale, clip_weight, inmodal_weight)
+    pert, distances = perturbation(image_features, text_features, reference_image_features,
+                                   reference_text_features, tau)
+    return cleanclip - pert, {**terms, **{name: value.detach() for name, value in distances.items()},
+                              "pert": pert.detach()}

@@ -40,6 +40,7 @@ from cleaning.losses import (
     cleanclip_loss,
     ft_loss,
     gather_features,
+    par_cleanclip_loss,
     par_loss,
 )
 from cleaning.models import LoadedModel, load_model, save_model
@@ -47,7 +48,7 @@ from parclean.config import to_dict, write_resolved
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("par", "ft", "cleanclip")
+OBJECTIVES = ("par", "ft", "cleanclip", "par_cleanclip")
 SCHEDULES = ("official", "cosine", "constant")
 PRECISIONS = ("no", "fp16", "bf16")
 CHECKPOINTS = "checkpoints"
@@ -70,7 +71,7 @@ class DataConfig:
 class CleanConfig:
     """One cleaning recipe. Defaults: the paper's ViT-B/32 recipe (official trigger.sh and train.py)."""
 
-    objective: str = "par"  # par | ft | cleanclip
+    objective: str = "par"  # par | ft | cleanclip | par_cleanclip (PAR's perturbation added to CleanCLIP)
     tau: float = DEFAULT_TAU  # PAR's cap on each modality's mean squared embedding distance
     steps: int = 244  # optimizer steps (official: 2 epochs of 250k pairs at 4 x 512 = 122 steps per epoch)
     batch_size: int = 2048  # global contrastive batch per step: all processes and micro-batches together
@@ -85,7 +86,7 @@ class CleanConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     mixed_precision: str = "no"  # no | fp16 | bf16 (official: fp16 autocast with a GradScaler)
-    augment: bool = True  # PAR's augmentation for par and ft (cleanclip always builds its two views)
+    augment: bool = True  # PAR's augmentation of the (first) view for par, ft and par_cleanclip
     clip_weight: float = DEFAULT_CLIP_WEIGHT  # cleanclip: lambda1
     inmodal_weight: float = DEFAULT_INMODAL_WEIGHT  # cleanclip: lambda2
     checkpoint_every: int = 100  # steps; the last step is always checkpointed
@@ -177,7 +178,7 @@ def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path 
     # the same poisoned weights, in eval mode, without gradients.
     loaded = model if isinstance(model, LoadedModel) else _load(model, pretrained)
     reference = None
-    if cfg.objective == "par":
+    if cfg.objective in ("par", "par_cleanclip"):
         reference = copy.deepcopy(loaded.model) if isinstance(model, LoadedModel) else _load(model, pretrained).model
         reference.eval().requires_grad_(False).to(accelerator.device)
     loaded.model.logit_scale.requires_grad_(False)  # official train.py uses logit_scale.exp().item(): a constant
@@ -209,7 +210,7 @@ def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path 
                            step, offset=rank * local_batch)
             with torch.no_grad(), accelerator.autocast():
                 reference_features = None if reference is None else _gathered(
-                    [_encode(reference, views, rows)[0] for rows in chunks])
+                    [_encode(reference, views[:1], rows)[0] for rows in chunks])
                 # Gradient accumulation the open_clip way: features of every micro-batch without gradient...
                 cached = [_encode(net, views, rows) for rows in chunks] if len(chunks) > 1 else None
             for j, rows in enumerate(chunks):
@@ -304,13 +305,15 @@ def _views(cfg: CleanConfig, loaded: LoadedModel, images: Tensor, tokens: Tensor
            offset: int) -> list[tuple[Tensor, Tensor]]:
     """Model inputs (normalised images, tokens): one view for par/ft, (original, augmented) for cleanclip."""
     mean, std = loaded.mean, loaded.std
-    if cfg.objective == "cleanclip":
-        augmented = cleanclip_image_view(images, seed=cfg.seed, step=step, offset=offset)
-        augmented_tokens = cleanclip_text_view(tokens, seed=cfg.seed, step=step, offset=offset)
-        return [(normalise(images, mean, std), tokens), (normalise(augmented, mean, std), augmented_tokens)]
-    if cfg.augment:
-        return [(par_augment(images, mean, std, seed=cfg.seed, step=step, offset=offset), tokens)]
-    return [(normalise(images, mean, std), tokens)]
+    if cfg.augment and cfg.objective != "cleanclip":
+        first = (par_augment(images, mean, std, seed=cfg.seed, step=step, offset=offset), tokens)
+    else:
+        first = (normalise(images, mean, std), tokens)
+    if cfg.objective not in ("cleanclip", "par_cleanclip"):
+        return [first]
+    augmented = cleanclip_image_view(images, seed=cfg.seed, step=step, offset=offset)
+    augmented_tokens = cleanclip_text_view(tokens, seed=cfg.seed, step=step, offset=offset)
+    return [first, (normalise(augmented, mean, std), augmented_tokens)]
 
 
 def _encode(model: torch.nn.Module, views: list[tuple[Tensor, Tensor]], rows: slice) -> list[tuple[Tensor, Tensor]]:
@@ -346,6 +349,9 @@ def _objective(cfg: CleanConfig, features: list[tuple[Tensor, Tensor]], referenc
     if cfg.objective == "ft":
         return ft_loss(image, text, logit_scale)
     (augmented_image, augmented_text), = others
+    if cfg.objective == "par_cleanclip":
+        return par_cleanclip_loss(image, text, augmented_image, augmented_text, reference[0], reference[1],
+                                  logit_scale, cfg.tau, cfg.clip_weight, cfg.inmodal_weight)
     return cleanclip_loss(image, text, augmented_image, augmented_text, logit_scale, cfg.clip_weight,
                           cfg.inmodal_weight)
 

@@ -16,6 +16,7 @@ from cleaning.losses import (
     ft_loss,
     gather_features,
     inmodal_loss,
+    par_cleanclip_loss,
     par_loss,
     perturbation_distance,
 )
@@ -125,6 +126,19 @@ def test_cleanclip_adds_the_inmodal_losses_with_their_weights() -> None:
     total, terms = cleanclip_loss(image, text, aug_image, aug_text, 5.0, clip_weight=0.5, inmodal_weight=2.0)
     assert total.item() == pytest.approx(0.5 * clip + 2.0 * inmodal, rel=1e-6)
     assert set(terms) == {"clip", "inmodal_img", "inmodal_txt", "inmodal"}
+
+
+def test_par_cleanclip_is_cleanclip_minus_the_capped_perturbation() -> None:
+    image, text, aug_image, aug_text, ref_image, ref_text = (unit(6, 8, seed=s) for s in range(20, 26))
+    cleanclip, _ = cleanclip_loss(image, text, aug_image, aug_text, 5.0)
+    d_img = perturbation_distance(image, ref_image).item()
+    d_txt = perturbation_distance(text, ref_text).item()
+    tau = (d_img + d_txt) / 2  # one distance under the cap, the other over it: only the first counts
+    total, terms = par_cleanclip_loss(image, text, aug_image, aug_text, ref_image, ref_text, 5.0, tau)
+    kept = min(d_img, d_txt)
+    assert total.item() == pytest.approx(cleanclip.item() - 0.5 * kept, rel=1e-6)
+    assert terms["pert"].item() == pytest.approx(0.5 * kept, rel=1e-6)
+    assert set(terms) == {"clip", "inmodal_img", "inmodal_txt", "inmodal", "d_img", "d_txt", "pert"}
 
 
 def test_gather_is_identity_without_a_process_group() -> None:
