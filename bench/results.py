@@ -155,7 +155,7 @@ def run_cell(cfg: ResultsConfig, cell: Cell, work: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - began
     last = json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])
     row = {"key": cell.key, "organism": cell.organism, "data": cell.data, "method": cell.method, "seed": cell.seed,
-           "tau": settings.tau if settings.objective == "par" else None, "steps": settings.steps,
+           "tau": settings.tau if settings.objective.startswith("par") else None, "steps": settings.steps,
            "batch_size": settings.batch_size,
            **measure_model(cfg, cell.organism, Path(result["model"])), "seconds": round(seconds, 1),
            "d_img": last.get("d_img"), "d_txt": last.get("d_txt")}
