@@ -145,7 +145,7 @@ def measure_model(cfg: ResultsConfig, organism: str, weights: Path) -> dict[str,
 
 
 def run_cell(cfg: ResultsConfig, cell: Cell, work: Path) -> dict[str, Any]:
-    from cleaning.train import clean
+    from cleaning.train import PERTURBING, clean
 
     data = {d.name: d for d in cfg.data}[cell.data]
     settings = recipe(cfg, cell.method, {"seed": cell.seed, **dict(cell.overrides)})
@@ -155,7 +155,7 @@ def run_cell(cfg: ResultsConfig, cell: Cell, work: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - began
     last = json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])
     row = {"key": cell.key, "organism": cell.organism, "data": cell.data, "method": cell.method, "seed": cell.seed,
-           "tau": settings.tau if settings.objective.startswith("par") else None, "steps": settings.steps,
+           "tau": settings.tau if settings.objective in PERTURBING else None, "steps": settings.steps,
            "batch_size": settings.batch_size,
            **measure_model(cfg, cell.organism, Path(result["model"])), "seconds": round(seconds, 1),
            "d_img": last.get("d_img"), "d_txt": last.get("d_txt")}

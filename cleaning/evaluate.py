@@ -50,16 +50,18 @@ def zero_shot_classifier(loaded: LoadedModel, classnames: Sequence[str],
 
 
 @torch.no_grad()
+def image_features(loaded: LoadedModel, images: torch.Tensor, batch_size: int = 500,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Unit image embeddings of images (N, 3, H, W) in [0, 1], computed batch by batch on `device`."""
+    return torch.cat([F.normalize(loaded.model.encode_image(normalize(loaded, batch.to(device))), dim=-1)
+                      for batch in images.split(batch_size)])
+
+
+@torch.no_grad()
 def predict(loaded: LoadedModel, images: torch.Tensor, classifier: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Top-1 class index per image."""
-    model = loaded.model
-    device = classifier.device
-    preds = []
-    for start in range(0, len(images), batch_size):
-        batch = normalize(loaded, images[start:start + batch_size].to(device))
-        features = F.normalize(model.encode_image(batch), dim=-1)
-        preds.append((features @ classifier.T).argmax(dim=-1).cpu())
-    return torch.cat(preds)
+    features = image_features(loaded, images, batch_size, classifier.device)
+    return (features @ classifier.T).argmax(dim=-1).cpu()
 
 
 def clean_accuracy(loaded: LoadedModel, data: LabelledImages, classifier: torch.Tensor) -> float:

@@ -49,6 +49,8 @@ from parclean.config import to_dict, write_resolved
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("par", "ft", "cleanclip", "par_cleanclip")
+PERTURBING = ("par", "par_cleanclip")  # objectives with a frozen reference and tau
+TWO_VIEWS = ("cleanclip", "par_cleanclip")  # objectives with CleanCLIP's augmented second view
 SCHEDULES = ("official", "cosine", "constant")
 PRECISIONS = ("no", "fp16", "bf16")
 CHECKPOINTS = "checkpoints"
@@ -178,7 +180,7 @@ def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path 
     # the same poisoned weights, in eval mode, without gradients.
     loaded = model if isinstance(model, LoadedModel) else _load(model, pretrained)
     reference = None
-    if cfg.objective in ("par", "par_cleanclip"):
+    if cfg.objective in PERTURBING:
         reference = copy.deepcopy(loaded.model) if isinstance(model, LoadedModel) else _load(model, pretrained).model
         reference.eval().requires_grad_(False).to(accelerator.device)
     loaded.model.logit_scale.requires_grad_(False)  # official train.py uses logit_scale.exp().item(): a constant
@@ -303,13 +305,15 @@ def _batches(cfg: CleanConfig, shards: str, loaded: LoadedModel, start: int, end
 
 def _views(cfg: CleanConfig, loaded: LoadedModel, images: Tensor, tokens: Tensor, step: int,
            offset: int) -> list[tuple[Tensor, Tensor]]:
-    """Model inputs (normalised images, tokens): one view for par/ft, (original, augmented) for cleanclip."""
+    """Model inputs (normalised images, tokens): one view for par/ft; for cleanclip and par_cleanclip the first
+    view and CleanCLIP's augmented one. PAR's augmentation (cfg.augment) applies to the first view, except in
+    cleanclip, whose first view is the original."""
     mean, std = loaded.mean, loaded.std
     if cfg.augment and cfg.objective != "cleanclip":
         first = (par_augment(images, mean, std, seed=cfg.seed, step=step, offset=offset), tokens)
     else:
         first = (normalise(images, mean, std), tokens)
-    if cfg.objective not in ("cleanclip", "par_cleanclip"):
+    if cfg.objective not in TWO_VIEWS:
         return [first]
     augmented = cleanclip_image_view(images, seed=cfg.seed, step=step, offset=offset)
     augmented_tokens = cleanclip_text_view(tokens, seed=cfg.seed, step=step, offset=offset)

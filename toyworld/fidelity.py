@@ -31,7 +31,7 @@ from cleaning.evaluate import (
     DEFAULT_TEMPLATES,
     LabelledImages,
     clean_accuracy,
-    normalize,
+    image_features,
     predict,
     zero_shot_classifier,
 )
@@ -118,9 +118,7 @@ def linear_probe(judge: LoadedModel, count: int, *, seed: int = PROBE_SEED, iter
     the same frozen features measures the image, not the prompt.
     """
     images, _, labels = make_pairs(count, seed)
-    with torch.no_grad():
-        features = torch.cat([F.normalize(judge.model.encode_image(normalize(judge, batch)), dim=-1)
-                              for batch in to_float_images(images).split(500)])
+    features = image_features(judge, to_float_images(images))
     targets = torch.from_numpy(labels)
     weights = torch.zeros(len(classes()), features.shape[1], requires_grad=True)
     optimizer = torch.optim.Adam([weights], lr=0.1)
