@@ -88,7 +88,7 @@ def clip_loss(loaded: LoadedModel, images: torch.Tensor, tokens: torch.Tensor) -
     image_features = F.normalize(model.encode_image(normalize(loaded, images)), dim=-1)
     text_features = F.normalize(model.encode_text(tokens), dim=-1)
     logits = model.logit_scale.exp() * image_features @ text_features.T
-    labels = torch.arange(len(images))
+    labels = torch.arange(len(images), device=images.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
@@ -103,8 +103,8 @@ def measure(loaded: LoadedModel, cfg: OrganismConfig, data: LabelledImages) -> d
     return evaluate(loaded, data, triggers, cfg.poison.target if trigger is not None else None)
 
 
-def train(cfg: OrganismConfig, out: Path) -> dict:
-    """Train (or resume) the organism into `out`; returns the final card."""
+def train(cfg: OrganismConfig, out: Path, device: torch.device | str = "cpu") -> dict:
+    """Train (or resume) the organism into `out` on `device`; returns the final card."""
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -112,6 +112,7 @@ def train(cfg: OrganismConfig, out: Path) -> dict:
     loaded = create_model(cfg.architecture, seed=cfg.seed)
     if cfg.init is not None:
         loaded.model.load_state_dict(load_model(weights=cfg.init).model.state_dict())
+    loaded.model.to(device)
     decay = [p for n, p in loaded.model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in loaded.model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -125,7 +126,7 @@ def train(cfg: OrganismConfig, out: Path) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
         images, captions, _ = batch_for_step(cfg, step)
-        loss = clip_loss(loaded, images, loaded.tokenizer(captions))
+        loss = clip_loss(loaded, images.to(device), loaded.tokenizer(captions).to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -140,8 +141,7 @@ def train(cfg: OrganismConfig, out: Path) -> dict:
             log.info("step %d: %s", done, point)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _checkpoint(loaded, optimizer, done, out)
-    card = _card(cfg, out, loaded, data, time.time() - started)
-    return card
+    return _card(cfg, out, loaded, data, time.time() - started, torch.device(device))
 
 
 def _checkpoint(loaded: LoadedModel, optimizer: torch.optim.Optimizer, step: int, out: Path) -> None:
@@ -169,7 +169,8 @@ def _truncate_curve(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
-def _card(cfg: OrganismConfig, out: Path, loaded: LoadedModel, data: LabelledImages, seconds: float) -> dict:
+def _card(cfg: OrganismConfig, out: Path, loaded: LoadedModel, data: LabelledImages, seconds: float,
+          device: torch.device) -> dict:
     # fp16 on disk halves a shipped organism; the card's numbers are measured from that saved file.
     save_model(loaded, out / "model.safetensors", dtype=torch.float16)
     final = measure(load_model(weights=out / "model.safetensors"), cfg, data)
@@ -187,6 +188,7 @@ def _card(cfg: OrganismConfig, out: Path, loaded: LoadedModel, data: LabelledIma
         "eval_images": len(data.labels),
         "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
         "train_seconds_last_session": round(seconds, 1),
+        "train_device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "command": " ".join(["python -m toyworld.train_clip", *sys.argv[1:]]),
         "config": to_dict(cfg),
     }
@@ -200,10 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to train (default: cuda when available); evaluation follows the model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = load_config(OrganismConfig, args.config, dict(parse_override(s) for s in args.set))
-    card = train(cfg, args.out)
+    card = train(cfg, args.out, args.device)
     print(json.dumps({k: card[k] for k in ("clean_acc", "asr", "chance_acc")}))
     return 0
 
