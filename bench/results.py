@@ -7,12 +7,14 @@
 Each cell (organism, data, method, seed, sweep point) cleans the organism with the method's recipe plus the
 shared budget overrides, measures clean accuracy and ASR on the organism's own trigger, and appends one JSON
 row to the rows file (docs/results.jsonl). A rerun skips cells already measured and resumes a killed cell from its last
-checkpoint, so the table can be built over several sittings and on several machines (split with --only).
+checkpoint, so the table can be built over several sittings and on several machines (split with --only). Each row
+records the organism's weights fingerprint: rows of weights since replaced are neither reused nor reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import statistics
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 class Method:
     name: str  # as shown in the table: PAR, FT, CleanCLIP
     config: str  # clean recipe (configs/clean/)
+    overrides: dict[str, Any] = field(default_factory=dict)  # this method's settings on top of recipe and budget
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def recipe(cfg: ResultsConfig, method: str, overrides: dict[str, Any]):
     methods = {m.name: m for m in cfg.methods}
     if method not in methods:
         raise ValueError(f"method {method!r} is not among the configured methods ({', '.join(methods)})")
-    return load_config(CleanConfig, methods[method].config, {**cfg.budget, **overrides})
+    return load_config(CleanConfig, methods[method].config, {**cfg.budget, **methods[method].overrides, **overrides})
 
 
 def read_rows(path: Path) -> dict[str, dict[str, Any]]:
@@ -120,6 +123,21 @@ def read_rows(path: Path) -> dict[str, dict[str, Any]]:
                 raise ValueError(f"{path}:{number}: not a JSON row (delete the line to re-measure it)") from None
             rows[row["key"]] = row
     return rows
+
+
+def fingerprint(cfg: ResultsConfig, organism: str) -> str:
+    """First 16 hex digits of the sha256 of the organism's weights."""
+    path = Path(cfg.models_dir) / organism / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no organism weights (is {organism!r} a shipped organism?)")
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def current_rows(cfg: ResultsConfig) -> dict[str, dict[str, Any]]:
+    """The rows measured on the organisms' present weights."""
+    prints = {organism: fingerprint(cfg, organism) for organism in cfg.organisms}
+    return {key: row for key, row in read_rows(Path(cfg.rows)).items()
+            if row.get("organism_sha") == prints.get(row.get("organism"))}
 
 
 def organism_eval(cfg: ResultsConfig, organism: str):
@@ -149,12 +167,14 @@ def run_cell(cfg: ResultsConfig, cell: Cell, work: Path) -> dict[str, Any]:
 
     data = {d.name: d for d in cfg.data}[cell.data]
     settings = recipe(cfg, cell.method, {"seed": cell.seed, **dict(cell.overrides)})
-    out = work / "runs" / cell.key
+    sha = fingerprint(cfg, cell.organism)
+    out = work / "runs" / cell.key / sha  # a run of earlier weights under the same name is never resumed
     began = time.perf_counter()
     result = clean(settings, Path(cfg.models_dir) / cell.organism, data.shards, out, progress=False)
     seconds = time.perf_counter() - began
     last = json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])
-    row = {"key": cell.key, "organism": cell.organism, "data": cell.data, "method": cell.method, "seed": cell.seed,
+    row = {"key": cell.key, "organism": cell.organism, "organism_sha": sha,
+           "data": cell.data, "method": cell.method, "seed": cell.seed,
            "tau": settings.tau if settings.objective in PERTURBING else None, "steps": settings.steps,
            "batch_size": settings.batch_size,
            **measure_model(cfg, cell.organism, Path(result["model"])), "seconds": round(seconds, 1),
@@ -167,11 +187,12 @@ def run(cfg: ResultsConfig, only: dict[str, str]) -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows_path = Path(cfg.rows)
     rows_path.parent.mkdir(parents=True, exist_ok=True)
-    done = read_rows(rows_path)
+    done = current_rows(cfg)
     for organism in cfg.organisms:
         key = f"{organism}/poisoned"
         if key not in done and _selected({"organism": organism}, only):
-            row = {"key": key, "organism": organism, "method": "poisoned", "trigger": organism_eval(cfg, organism)[1],
+            row = {"key": key, "organism": organism, "organism_sha": fingerprint(cfg, organism), "method": "poisoned",
+                   "trigger": organism_eval(cfg, organism)[1],
                    **measure_model(cfg, organism, Path(cfg.models_dir) / organism)}
             _append(rows_path, row)
             done[key] = row
@@ -280,7 +301,7 @@ def plot_sweep(points: list[dict[str, Any]], poisoned: dict[str, Any] | None, pn
 
 
 def write_doc(cfg: ResultsConfig, config_path: str) -> Path:
-    rows = read_rows(Path(cfg.rows))
+    rows = current_rows(cfg)
     doc = Path(cfg.doc)
     parts = [GENERATED_NOTE.format(config=config_path), "## Table", "", table_markdown(summary(cfg, rows)), ""]
     points = sweep_rows(cfg, rows)
@@ -298,7 +319,8 @@ def write_doc(cfg: ResultsConfig, config_path: str) -> Path:
         parts += ["", f"![trade-off]({png.name})", ""]
     parts += ["## Data sets and recipes", ""]
     parts += [f"- **{d.name}**: `{d.shards}`" + (f" (`{d.command}`)" if d.command else "") for d in cfg.data]
-    parts += [f"- **{m.name}**: `{m.config}`" for m in cfg.methods]
+    parts += [f"- **{m.name}**: `{m.config}`" + (f" with `{json.dumps(m.overrides)}`" if m.overrides else "")
+              for m in cfg.methods]
     parts += [f"- shared budget: `{json.dumps(cfg.budget)}`; seeds {list(cfg.seeds)}; "
               f"{cfg.eval_count} fresh evaluation images per model", ""]
     marker = "<!-- notes -->"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from bench.results import ResultsConfig, main, measure_model, read_rows
+from bench.results import ResultsConfig, main, measure_model, read_rows, recipe
 from cleaning.train import CleanConfig, clean
 from parclean.config import load_config
 
@@ -82,7 +83,39 @@ def test_results_script_names_a_missing_organism(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"organisms": ["clip-nope"], "data": [], "methods": [], "work": str(tmp_path / "w"),
                                     "rows": str(tmp_path / "rows.jsonl"), "doc": str(tmp_path / "r.md")}))
     assert main(["--config", str(path)]) == 2
-    assert "clip-nope/card.json: no organism card" in capsys.readouterr().err
+    assert "clip-nope/model.safetensors: no organism weights" in capsys.readouterr().err
+
+
+def test_rows_of_replaced_weights_are_measured_again(toy_pairs, tmp_path):
+    """Rows carry the organism's weights fingerprint: new weights under the same name are never read as old."""
+    from safetensors.torch import load_file, safe_open, save_file
+
+    models = tmp_path / "models"
+    shutil.copytree(MODELS / "clip-blended", models / "clip-blended")
+    config = {"organisms": ["clip-blended"], "data": [{"name": "real", "shards": toy_pairs}],
+              "methods": [{"name": "FT", "config": "configs/clean/toy-cpu-ft.yaml", "overrides": {"lr": 1.0e-5}}],
+              "seeds": [0], "budget": {"steps": 2, "batch_size": 16, "warmup_steps": 1}, "eval_count": 200,
+              "models_dir": str(models), "work": str(tmp_path / "work"), "rows": str(tmp_path / "rows.jsonl"),
+              "doc": str(tmp_path / "results.md")}
+    path = tmp_path / "results.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert recipe(load_config(ResultsConfig, path), "FT", {}).lr == 1.0e-5
+    assert main(["--config", str(path)]) == 0
+    assert main(["--config", str(path)]) == 0
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2  # poisoned + FT, measured once
+
+    weights = models / "clip-blended" / "model.safetensors"
+    with safe_open(str(weights), "pt") as handle:
+        metadata = handle.metadata()
+    state = load_file(str(weights))
+    state["text_projection"] = state["text_projection"] * 0.5
+    save_file(state, str(weights), metadata=metadata)
+    assert main(["--config", str(path)]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and lines[0]["organism_sha"] != lines[2]["organism_sha"]
+    runs = tmp_path / "work" / "runs" / "clip-blended" / "real" / "FT" / "seed0"
+    assert sorted(p.name for p in runs.iterdir()) == sorted({lines[0]["organism_sha"], lines[2]["organism_sha"]})
+    assert "with `{\"lr\": 1e-05}`" in (tmp_path / "results.md").read_text()
 
 
 @pytest.mark.slow
