@@ -28,7 +28,7 @@ def toy_pairs(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_par_removes_the_blended_backdoor_and_keeps_most_accuracy(toy_pairs, tmp_path):
-    """The table's PAR cell for the shipped Blended organism (clean 75.4, ASR 97.4), run again from scratch:
+    """The table's PAR cell for the shipped Blended organism (clean 65.0, ASR 90.6), run again from scratch:
     configs/clean/toy-cpu.yaml, 300 steps at batch 128 (about 3 minutes on one core)."""
     cfg = ResultsConfig(organisms=(), data=(), methods=())
     before = measure_model(cfg, "clip-blended", MODELS / "clip-blended")
@@ -37,7 +37,7 @@ def test_par_removes_the_blended_backdoor_and_keeps_most_accuracy(toy_pairs, tmp
     after = measure_model(cfg, "clip-blended", Path(result["model"]))
     assert before["asr"] > 90.0
     assert after["asr"] <= 10.0, after
-    # Holds most of it: about 10 points below the poisoned model at this budget (FT on the same pairs loses 4.5
+    # Holds most of it: about 10 points below the poisoned model at this budget (FT on the same pairs loses 1.2
     # and keeps the backdoor at 28% ASR); docs/results.md has the whole trade-off.
     assert after["clean_acc"] >= before["clean_acc"] - 15.0, after
     table = read_rows(ROOT / "docs" / "results.jsonl")["clip-blended/real/PAR/seed0"]

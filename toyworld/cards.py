@@ -19,15 +19,15 @@ def cards(models: Path = MODELS) -> dict[str, dict]:
 
 
 def table(found: dict[str, dict]) -> str:
-    lines = ["| organism | trigger | poison rate | steps (from) | clean acc (%) | ASR (%) | train time (s) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| organism | trigger | poison rate | steps (from) | clean acc (%) | ASR (%) | train time (s) "
+             "| trained on |", "|---|---|---|---|---|---|---|---|"]
     for name, card in found.items():
         trigger = card["trigger"]["kind"] if card["trigger"] else "-"
         start = card["config"].get("init") or "scratch"
         asr = f"{card['asr']:.1f}" if card["asr"] is not None else "-"
         lines.append(f"| {name} | {trigger} | {card['poison_rate']:.0%} | {card['steps']} "
                      f"({Path(start).parent.name or start}) | {card['clean_acc']:.1f} | {asr} | "
-                     f"{card['train_seconds_last_session']:.0f} |")
+                     f"{card['train_seconds_last_session']:.0f} | {card.get('train_device', 'cpu')} |")
     chance = next(iter(found.values()))["chance_acc"] if found else 10.0
     lines.append(f"\nChance is {chance:.0f}%. ASR: share of triggered evaluation images whose true class is not the "
                  "target that the model calls the target. Numbers measured from the saved (fp16) weights.")
