@@ -303,7 +303,8 @@ def plot_sweep(points: list[dict[str, Any]], poisoned: dict[str, Any] | None, pn
 def write_doc(cfg: ResultsConfig, config_path: str) -> Path:
     rows = current_rows(cfg)
     doc = Path(cfg.doc)
-    parts = [GENERATED_NOTE.format(config=config_path), "## Table", "", table_markdown(summary(cfg, rows)), ""]
+    parts = [GENERATED_NOTE.format(config=config_path, rows=cfg.rows), "## Table", "",
+             table_markdown(summary(cfg, rows)), ""]
     points = sweep_rows(cfg, rows)
     if points:
         png = doc.with_name("results-sweep.png")
@@ -333,7 +334,7 @@ def write_doc(cfg: ResultsConfig, config_path: str) -> Path:
 GENERATED_NOTE = """# Results: cleaning the toy organisms
 
 Made by `python -m bench.results --config {config}` (the tables above the notes are rewritten
-on every run; one JSON row per cleaning run in docs/results.jsonl). Mean ± standard deviation where there are
+on every run; one JSON row per cleaning run in {rows}). Mean ± standard deviation where there are
 several seeds; clean accuracy is zero-shot top-1 over the 10 toy classes (chance 10%) on 2,000 fresh images, ASR
 the share of triggered non-target images classified as the target. In brackets: the poisoned model. "bar": the
 issue's (ASR at most 10% and clean accuracy at most 3 points below the poisoned model with real pairs, 5 with

@@ -12,6 +12,7 @@ and every deviation from the official code (nmndeep/PerturbAndRecover).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -55,6 +56,7 @@ SCHEDULES = ("official", "cosine", "constant")
 PRECISIONS = ("no", "fp16", "bf16")
 CHECKPOINTS = "checkpoints"
 LOG_NAME = "train_log.jsonl"
+START_NAME = "start.json"  # the starting weights' digest, checked before a resume
 # Settings a rerun may change and still resume; any other change needs a new --out.
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "threads", "data.num_workers", "data.on_error"}
 
@@ -185,6 +187,7 @@ def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path 
         reference.eval().requires_grad_(False).to(accelerator.device)
     loaded.model.logit_scale.requires_grad_(False)  # official train.py uses logit_scale.exp().item(): a constant
     _freeze(loaded.model, cfg.frozen)
+    starting_weights = weights_digest(loaded.model)
     optimizer = torch.optim.AdamW(parameter_groups(loaded.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   eps=cfg.eps)
     scheduler = LambdaLR(optimizer, lambda step: learning_rate(cfg, step) / cfg.lr)
@@ -192,7 +195,7 @@ def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path 
     accelerator.register_for_checkpointing(scheduler)  # not prepared: Accelerate would step it once per process
     logit_scale = float(accelerator.unwrap_model(net).logit_scale.exp())
 
-    start = _start_or_resume(accelerator, out, cfg)
+    start = _start_or_resume(accelerator, out, cfg, starting_weights)
     end = max(start, min(cfg.steps, stop_after if stop_after is not None else cfg.steps))
     main = accelerator.is_main_process
     if main:
@@ -381,16 +384,33 @@ def _checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _start_or_resume(accelerator: Accelerator, out: Path, cfg: CleanConfig) -> int:
-    """Write the resolved config; load the latest checkpoint of `out` if any; return the steps already done."""
-    config_path = out / "config.yaml"
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's weights (names, dtypes and bytes): which model a run started from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _start_or_resume(accelerator: Accelerator, out: Path, cfg: CleanConfig, starting_weights: str) -> int:
+    """Write the resolved config; load the latest checkpoint of `out` if any; return the steps already done.
+
+    Checkpoints are resumed only by the recipe and the starting weights that made them."""
+    config_path, start_path = out / "config.yaml", out / START_NAME
     found = _checkpoints(out)
     if found and config_path.is_file():
         _check_same_recipe(config_path, cfg)
+    if found and start_path.is_file():
+        before = json.loads(start_path.read_text()).get("weights_sha256")
+        if before != starting_weights:
+            raise ValueError(f"{out}: holds checkpoints of a run from other weights (sha256 {str(before)[:16]}, now "
+                             f"{starting_weights[:16]}); use a new --out, or delete it to start over")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_resolved(cfg, config_path)
+        start_path.write_text(json.dumps({"weights_sha256": starting_weights}) + "\n")
     if not found:
         if accelerator.is_main_process:
             (out / LOG_NAME).unlink(missing_ok=True)

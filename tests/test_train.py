@@ -117,6 +117,10 @@ def test_killed_run_resumes_to_the_same_weights(baseline: dict, shards: str, mod
     assert clean(CFG, model_path, shards, tmp_path, progress=False)["steps_run"] == 0
     with pytest.raises(ValueError, match="tau: 2.15 -> 1.0"):
         clean(replace(CFG, tau=1.0), model_path, shards, tmp_path, progress=False)
+    # ...and so are other starting weights under the same recipe (a replaced checkpoint of the same name).
+    other = save_model(create_model("tiny-test", seed=1), tmp_path.parent / f"{tmp_path.name}-other.safetensors")
+    with pytest.raises(ValueError, match="checkpoints of a run from other weights"):
+        clean(CFG, other, shards, tmp_path, progress=False)
 
 
 def test_gradient_accumulation_gives_the_full_batch_update(baseline: dict, shards: str, model_path: Path,
