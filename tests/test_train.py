@@ -166,7 +166,7 @@ def test_nan_guard_stops_with_the_step_and_the_term(shards: str, model_path: Pat
                                               ("par_cleanclip", {"clip", "inmodal_img", "inmodal_txt", "inmodal",
                                                                  "d_img", "d_txt", "pert"})])
 def test_other_objectives_train_with_their_own_terms(objective: str, terms: set[str], shards: str, model_path: Path,
-                                              tmp_path: Path) -> None:
+                                                     tmp_path: Path) -> None:
     result = clean(replace(CFG, objective=objective, steps=2), model_path, shards, tmp_path, progress=False)
     assert set(result["final"]) == terms | {"loss"}
     assert all(math.isfinite(value) for value in result["final"].values())
