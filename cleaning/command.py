@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="poisoned model: a .safetensors file or folder, or an open_clip architecture with "
                              "--pretrained")
     parser.add_argument("--pretrained", help="open_clip pretrained tag (then --model is an architecture name)")
+    parser.add_argument("--architecture", help="architecture of a checkpoint that does not name its own (a "
+                        "training checkpoint, a plain state dict), e.g. ViT-B-32")
     parser.add_argument("--shards", help="shard set folder or URL (overrides data.shards)")
     parser.add_argument("--out", required=True, help="output folder; a rerun resumes from its latest checkpoint")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(CleanConfig, args.config, overrides)
     try:
         result = clean(cfg, args.model, args.shards, args.out, pretrained=args.pretrained,
-                       stop_after=args.stop_after, progress=not args.no_progress)
+                       architecture=args.architecture, stop_after=args.stop_after, progress=not args.no_progress)
     except NonFiniteLoss as err:
         raise ValueError(str(err)) from None
     from accelerate import PartialState

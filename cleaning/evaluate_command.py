@@ -13,6 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint (.safetensors, or a folder holding "
                         "model.safetensors), or an open_clip architecture name with --pretrained")
     parser.add_argument("--pretrained", help="open_clip pretrained tag (needs the hub)")
+    parser.add_argument("--architecture", help="architecture of a checkpoint that does not name its own (a "
+                        "training checkpoint, a plain state dict), e.g. ViT-B-32")
     parser.add_argument("--eval", dest="eval_config", default=None, help="evaluation config YAML (configs/eval/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an eval setting")
     parser.add_argument("--out", type=Path, help="also write the result JSON here")
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     if args.pretrained:
         loaded = load_model(args.model, pretrained=args.pretrained)
     else:
-        loaded = load_model(weights=args.model)
+        loaded = load_model(args.architecture, weights=args.model)
     result = measure(loaded, cfg)
     text = json.dumps(result, indent=2)
     print(text)

@@ -159,12 +159,14 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path | None, out_dir: str | Path, *,
-          pretrained: str | None = None, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
+          pretrained: str | None = None, architecture: str | None = None, stop_after: int | None = None,
+          progress: bool = True) -> dict[str, Any]:
     """Fine-tune `model` on the pairs in `shards` with cfg.objective; write out_dir/model.safetensors.
 
-    `model`: a local checkpoint (file or folder), an architecture name with `pretrained`, or a LoadedModel
-    (trained in place). A rerun with the same out_dir resumes from its latest checkpoint. `stop_after` ends
-    the run after that many steps (checkpointed), as if it had been interrupted there.
+    `model`: a local checkpoint (file or folder; `architecture` for one that does not name its own), an
+    architecture name with `pretrained`, or a LoadedModel (trained in place). A rerun with the same out_dir
+    resumes from its latest checkpoint. `stop_after` ends the run after that many steps (checkpointed), as if it
+    had been interrupted there.
     Returns steps, seconds, samples/s and the final loss terms.
     """
     out = Path(out_dir)
@@ -180,10 +182,11 @@ def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path 
 
     # The model to clean (train mode, logit scale frozen) and, for PAR, the frozen reference: a second copy of
     # the same poisoned weights, in eval mode, without gradients.
-    loaded = model if isinstance(model, LoadedModel) else _load(model, pretrained)
+    in_memory = isinstance(model, LoadedModel)
+    loaded = model if in_memory else _load(model, pretrained, architecture)
     reference = None
     if cfg.objective in PERTURBING:
-        reference = copy.deepcopy(loaded.model) if isinstance(model, LoadedModel) else _load(model, pretrained).model
+        reference = copy.deepcopy(loaded.model) if in_memory else _load(model, pretrained, architecture).model
         reference.eval().requires_grad_(False).to(accelerator.device)
     loaded.model.logit_scale.requires_grad_(False)  # official train.py uses logit_scale.exp().item(): a constant
     _freeze(loaded.model, cfg.frozen)
@@ -261,10 +264,10 @@ def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path 
 # ------------------------------------------------------------------------------------------------ set-up
 
 
-def _load(model: str | Path, pretrained: str | None) -> LoadedModel:
+def _load(model: str | Path, pretrained: str | None, architecture: str | None) -> LoadedModel:
     if pretrained is not None:
         return load_model(str(model), pretrained=pretrained)
-    return load_model(weights=model)
+    return load_model(architecture, weights=model)
 
 
 def _freeze(model: torch.nn.Module, prefixes: tuple[str, ...]) -> None:

@@ -249,3 +249,20 @@ def test_frozen_prefixes_stay_fixed_and_unknown_ones_are_refused(shards, model_p
     assert not torch.equal(before["visual.conv1.weight"], after["visual.conv1.weight"])
     with pytest.raises(ValueError, match="frozen: no parameter name starts with 'visual.projection'"):
         clean(replace(CFG, frozen=("visual.projection",)), model_path, shards, tmp_path / "bad", progress=False)
+
+
+def test_a_training_checkpoint_is_evaluated_and_cleaned_with_its_architecture_named(
+        baseline: dict, shards: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from flows.cli import main
+
+    checkpoint = sorted((baseline["out"] / "checkpoints").glob("checkpoint-*"))[-1]  # weights without metadata
+    evaluate = ["evaluate", "--model", str(checkpoint), "--set", "count=40", "--set", "target=moon",
+                "--set", "triggers=[{kind: blended}]"]
+    assert main(evaluate) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(checkpoint) in err and "--architecture" in err
+    assert main([*evaluate, "--architecture", "tiny-test", "--out", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["eval_images"] == 40
+    result = clean(replace(CFG, steps=1), checkpoint, shards, tmp_path / "again", architecture="tiny-test",
+                   progress=False)
+    assert result["finished"] and load_model(weights=tmp_path / "again").architecture == "tiny-test"
