@@ -8,7 +8,8 @@ Each cell (organism, data, method, seed, sweep point) cleans the organism with t
 shared budget overrides, measures clean accuracy and ASR on the organism's own trigger, and appends one JSON
 row to the rows file (docs/results.jsonl). A rerun skips cells already measured and resumes a killed cell from its last
 checkpoint, so the table can be built over several sittings and on several machines (split with --only). Each row
-records the organism's weights fingerprint: rows of weights since replaced are neither reused nor reported.
+records the organism's weights fingerprint and the cell's recipe fingerprint: rows of weights since replaced, or
+of a recipe, budget or shard set since changed, are neither reused nor reported (the cell is measured again).
 """
 
 from __future__ import annotations
@@ -133,11 +134,32 @@ def fingerprint(cfg: ResultsConfig, organism: str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def recipe_fingerprint(cfg: ResultsConfig, cell: Cell) -> str:
+    """First 16 hex digits of the sha256 of what shapes a cell's weights: its resolved recipe (without the settings
+    that only pace a run, such as checkpoint_every) and its shard set."""
+    from cleaning.train import RESUMABLE_CHANGES
+    from parclean.config import to_dict
+
+    settings = to_dict(cell_recipe(cfg, cell))
+    pacing = {key for key in RESUMABLE_CHANGES if key != "steps"}
+    settings = {k: v for k, v in settings.items() if k not in pacing}
+    settings["data"] = {k: v for k, v in settings["data"].items() if f"data.{k}" not in pacing}
+    shards = {d.name: d.shards for d in cfg.data}[cell.data]
+    text = json.dumps({"recipe": settings, "shards": shards}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cell_recipe(cfg: ResultsConfig, cell: Cell):
+    return recipe(cfg, cell.method, {"seed": cell.seed, **dict(cell.overrides)})
+
+
 def current_rows(cfg: ResultsConfig) -> dict[str, dict[str, Any]]:
-    """The rows measured on the organisms' present weights."""
+    """The rows measured on the organisms' present weights, with the cells' present recipes."""
     prints = {organism: fingerprint(cfg, organism) for organism in cfg.organisms}
+    recipes = {cell.key: recipe_fingerprint(cfg, cell) for cell in cells(cfg)}
     return {key: row for key, row in read_rows(Path(cfg.rows)).items()
-            if row.get("organism_sha") == prints.get(row.get("organism"))}
+            if row.get("organism_sha") == prints.get(row.get("organism"))
+            and (row.get("method") == "poisoned" or row.get("recipe_sha") == recipes.get(key))}
 
 
 def organism_eval(cfg: ResultsConfig, organism: str):
@@ -166,14 +188,14 @@ def run_cell(cfg: ResultsConfig, cell: Cell, work: Path) -> dict[str, Any]:
     from cleaning.train import PERTURBING, clean
 
     data = {d.name: d for d in cfg.data}[cell.data]
-    settings = recipe(cfg, cell.method, {"seed": cell.seed, **dict(cell.overrides)})
-    sha = fingerprint(cfg, cell.organism)
-    out = work / "runs" / cell.key / sha  # a run of earlier weights under the same name is never resumed
+    settings = cell_recipe(cfg, cell)
+    sha, recipe_sha = fingerprint(cfg, cell.organism), recipe_fingerprint(cfg, cell)
+    out = work / "runs" / cell.key / f"{sha}-{recipe_sha}"  # never resumes a run of other weights or recipe
     began = time.perf_counter()
     result = clean(settings, Path(cfg.models_dir) / cell.organism, data.shards, out, progress=False)
     seconds = time.perf_counter() - began
     last = json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])
-    row = {"key": cell.key, "organism": cell.organism, "organism_sha": sha,
+    row = {"key": cell.key, "organism": cell.organism, "organism_sha": sha, "recipe_sha": recipe_sha,
            "data": cell.data, "method": cell.method, "seed": cell.seed,
            "tau": settings.tau if settings.objective in PERTURBING else None, "steps": settings.steps,
            "batch_size": settings.batch_size,

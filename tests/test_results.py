@@ -86,8 +86,9 @@ def test_results_script_names_a_missing_organism(tmp_path, capsys):
     assert "clip-nope/model.safetensors: no organism weights" in capsys.readouterr().err
 
 
-def test_rows_of_replaced_weights_are_measured_again(toy_pairs, tmp_path):
-    """Rows carry the organism's weights fingerprint: new weights under the same name are never read as old."""
+def test_rows_of_replaced_weights_or_recipes_are_measured_again(toy_pairs, tmp_path):
+    """Rows carry the organism's weights fingerprint and the cell's recipe fingerprint: new weights under the same
+    name, or a changed recipe, are never read as old; a setting that only paces the run changes nothing."""
     from safetensors.torch import load_file, safe_open, save_file
 
     models = tmp_path / "models"
@@ -98,11 +99,17 @@ def test_rows_of_replaced_weights_are_measured_again(toy_pairs, tmp_path):
               "models_dir": str(models), "work": str(tmp_path / "work"), "rows": str(tmp_path / "rows.jsonl"),
               "doc": str(tmp_path / "results.md")}
     path = tmp_path / "results.yaml"
-    path.write_text(yaml.safe_dump(config))
+
+    def run(**budget) -> list[dict]:
+        path.write_text(yaml.safe_dump({**config, "budget": {**config["budget"], **budget}}))
+        assert main(["--config", str(path)]) == 0
+        return [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+
+    assert len(run()) == 2  # poisoned + FT
     assert recipe(load_config(ResultsConfig, path), "FT", {}).lr == 1.0e-5
-    assert main(["--config", str(path)]) == 0
-    assert main(["--config", str(path)]) == 0
-    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2  # poisoned + FT, measured once
+    assert len(run(checkpoint_every=1)) == 2  # pacing only: the row stands
+    lines = run(steps=3)
+    assert len(lines) == 3 and lines[2]["steps"] == 3 and lines[2]["recipe_sha"] != lines[1]["recipe_sha"]
 
     weights = models / "clip-blended" / "model.safetensors"
     with safe_open(str(weights), "pt") as handle:
@@ -110,11 +117,11 @@ def test_rows_of_replaced_weights_are_measured_again(toy_pairs, tmp_path):
     state = load_file(str(weights))
     state["text_projection"] = state["text_projection"] * 0.5
     save_file(state, str(weights), metadata=metadata)
-    assert main(["--config", str(path)]) == 0
-    lines = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
-    assert len(lines) == 4 and lines[0]["organism_sha"] != lines[2]["organism_sha"]
+    lines = run(steps=3)
+    assert len(lines) == 5 and lines[0]["organism_sha"] != lines[3]["organism_sha"]
     runs = tmp_path / "work" / "runs" / "clip-blended" / "real" / "FT" / "seed0"
-    assert sorted(p.name for p in runs.iterdir()) == sorted({lines[0]["organism_sha"], lines[2]["organism_sha"]})
+    assert sorted(p.name for p in runs.iterdir()) == sorted(
+        {f"{row['organism_sha']}-{row['recipe_sha']}" for row in lines if "recipe_sha" in row})
     assert "with `{\"lr\": 1e-05}`" in (tmp_path / "results.md").read_text()
 
 
