@@ -21,10 +21,11 @@ from parclean.config import load_config
 
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:
-    found = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in (run / "checkpoints").glob("checkpoint-*")
-                   if p.name.rsplit("-", 1)[1].isdigit())
+    from cleaning.train import CHECKPOINTS, complete_checkpoints
+
+    found = complete_checkpoints(run)
     if not found:
-        raise FileNotFoundError(f"{run / 'checkpoints'}: no complete checkpoints")
+        raise FileNotFoundError(f"{run / CHECKPOINTS}: no complete checkpoints")
     return found
 
 

@@ -377,7 +377,7 @@ def _stop_if_not_finite(step: int, terms: dict[str, float]) -> None:
 # ------------------------------------------------------------------------------------------------ state
 
 
-def _checkpoints(out: Path) -> list[tuple[int, Path]]:
+def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (renamed into place once written), oldest first."""
     found = []
     for path in (out / CHECKPOINTS).glob("checkpoint-*"):
@@ -401,7 +401,7 @@ def _start_or_resume(accelerator: Accelerator, out: Path, cfg: CleanConfig, star
 
     Checkpoints are resumed only by the recipe and the starting weights that made them."""
     config_path, start_path = out / "config.yaml", out / START_NAME
-    found = _checkpoints(out)
+    found = complete_checkpoints(out)
     if found and config_path.is_file():
         _check_same_recipe(config_path, cfg)
     if found and start_path.is_file():
@@ -461,7 +461,7 @@ def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int) 
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
-        for _, old in _checkpoints(out)[:-keep]:
+        for _, old in complete_checkpoints(out)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
