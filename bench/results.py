@@ -1,8 +1,8 @@
 """The efficacy table: PAR against FT and CleanCLIP on every shipped poisoned organism, real and generated pairs.
 
-    python -m bench.results --config configs/results/toy.yaml            # run what is missing, write the doc
-    python -m bench.results --config configs/results/toy.yaml --only organism=clip-badnet --only seed=0
-    python -m bench.results --config configs/results/toy.yaml --report    # only rewrite docs/results.md
+    python -m bench.results --config configs/results/toy-3k.yaml            # run what is missing, write the doc
+    python -m bench.results --config configs/results/toy-3k.yaml --only organism=clip-badnet --only seed=0
+    python -m bench.results --config configs/results/toy-3k.yaml --report    # only rewrite docs/results.md
 
 Each cell (organism, data, method, seed, sweep point) cleans the organism with the method's recipe plus the
 shared budget overrides, measures clean accuracy and ASR on the organism's own trigger, and appends one JSON
@@ -70,6 +70,7 @@ class ResultsConfig:
     work: str = "out/results"  # cleaning runs (checkpoints, weights): large, not in git
     rows: str = "docs/results.jsonl"  # one measured row per cell: small, kept in git beside the document
     doc: str = "docs/results.md"
+    title: str = "Results: cleaning the toy organisms"
     sweep: Sweep | None = None
 
 
@@ -325,7 +326,7 @@ def plot_sweep(points: list[dict[str, Any]], poisoned: dict[str, Any] | None, pn
 def write_doc(cfg: ResultsConfig, config_path: str) -> Path:
     rows = current_rows(cfg)
     doc = Path(cfg.doc)
-    parts = [GENERATED_NOTE.format(config=config_path, rows=cfg.rows), "## Table", "",
+    parts = [GENERATED_NOTE.format(title=cfg.title, config=config_path, rows=cfg.rows), "## Table", "",
              table_markdown(summary(cfg, rows)), ""]
     points = sweep_rows(cfg, rows)
     if points:
@@ -353,7 +354,7 @@ def write_doc(cfg: ResultsConfig, config_path: str) -> Path:
     return doc
 
 
-GENERATED_NOTE = """# Results: cleaning the toy organisms
+GENERATED_NOTE = """# {title}
 
 Made by `python -m bench.results --config {config}` (the tables above the notes are rewritten
 on every run; one JSON row per cleaning run in {rows}). Mean ± standard deviation where there are
@@ -366,7 +367,7 @@ generated pairs).
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.results", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/results/toy.yaml")
+    parser.add_argument("--config", default="configs/results/toy-3k.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--only", action="append", default=[], metavar="FIELD=VALUE",
                         help="run only matching cells: organism, data, method or seed (repeatable)")

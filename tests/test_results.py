@@ -1,4 +1,4 @@
-"""Cleaning a shipped organism for real, and the results script (bench/results.py) that builds docs/results.md."""
+"""Cleaning a shipped organism for real, and the results script (bench/results.py) that builds docs/results-300.md."""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ def test_par_removes_the_blended_backdoor_and_keeps_most_accuracy(toy_pairs, tmp
     assert before["asr"] > 90.0
     assert after["asr"] <= 10.0, after
     # Holds most of it: about 10 points below the poisoned model at this budget (FT on the same pairs loses 1.2
-    # and keeps the backdoor at 28% ASR); docs/results.md has the whole trade-off.
+    # and keeps the backdoor at 28% ASR); docs/results-300.md has the whole trade-off.
     assert after["clean_acc"] >= before["clean_acc"] - 15.0, after
-    table = read_rows(ROOT / "docs" / "results.jsonl")["clip-blended/real/PAR/seed0"]
+    table = read_rows(ROOT / "docs" / "results-300.jsonl")["clip-blended/real/PAR/seed0"]
     assert abs(after["clean_acc"] - table["clean_acc"]) <= 3.0 and abs(after["asr"] - table["asr"]) <= 3.0
 
 
@@ -128,7 +128,7 @@ def test_rows_of_replaced_weights_or_recipes_are_measured_again(toy_pairs, tmp_p
 @pytest.mark.slow
 def test_results_rows_reproduce(tmp_path):
     """Re-runs the Blended organism's real-pair cells of the table (about 40 minutes on one core) from scratch
-    and compares them with the committed rows (docs/results.jsonl)."""
+    and compares them with the committed rows (docs/results-300.jsonl)."""
     from toyworld.make_shards import write_toy_shards
 
     write_toy_shards(tmp_path / "pairs", 40000, seed=100, shard_size=1000, progress=False)
@@ -137,7 +137,7 @@ def test_results_rows_reproduce(tmp_path):
             "--set", f"work={tmp_path / 'work'}", "--set", f"rows={tmp_path / 'rows.jsonl'}",
             "--set", f"doc={tmp_path / 'results.md'}", "--only", "organism=clip-blended", "--only", "seed=0"]
     assert main(args) == 0
-    committed = read_rows(ROOT / "docs" / "results.jsonl")
+    committed = read_rows(ROOT / "docs" / "results-300.jsonl")
     again = read_rows(tmp_path / "rows.jsonl")
     compared = [key for key in again if key in committed]
     assert len(compared) >= 4

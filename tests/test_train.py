@@ -192,7 +192,7 @@ def test_every_clean_config_loads_and_names_its_launch_command(path: Path) -> No
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     assert any("parclean clean" in line or "accelerate launch" in line for line in header)
     assert f"configs/clean/{path.name}" in "\n".join(header)
-    tuned = {"toy-cpu.yaml": 1.0, "toy-cpu-par-cleanclip.yaml": 1.5}  # on the toy organisms: docs/results.md
+    tuned = {"toy-cpu.yaml": 1.0, "toy-cpu-par-cleanclip.yaml": 1.5}  # on the toy organisms: docs/results-300.md
     assert cfg.tau == tuned.get(path.name, 2.15)
 
 
