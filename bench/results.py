@@ -201,8 +201,15 @@ def run_cell(cfg: ResultsConfig, cell: Cell, work: Path) -> dict[str, Any]:
            "tau": settings.tau if settings.objective in PERTURBING else None, "steps": settings.steps,
            "batch_size": settings.batch_size,
            **measure_model(cfg, cell.organism, Path(result["model"])), "seconds": round(seconds, 1),
-           "d_img": last.get("d_img"), "d_txt": last.get("d_txt")}
+           "d_img": last.get("d_img"), "d_txt": last.get("d_txt"), "device": device_name()}
     return row
+
+
+def device_name() -> str:
+    """Where a cell was cleaned (the trainer takes the GPU when there is one)."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
 def run(cfg: ResultsConfig, only: dict[str, str]) -> None:

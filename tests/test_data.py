@@ -307,3 +307,15 @@ def test_toy_shards_resume_and_refuse_other_settings(tmp_path: Path) -> None:
     assert json.loads((out / "manifest.json").read_text())["shards"][1]["sha256"] == sha  # same bytes again
     with pytest.raises(ValueError, match=r"seed: 3 -> 4"):
         write_toy_shards(out, 12, 4, shard_size=5, progress=False)
+
+
+def test_toy_shards_in_parallel_are_the_same_bytes(tmp_path: Path) -> None:
+    write_toy_shards(tmp_path / "one", 12, 3, shard_size=5, progress=False)
+    assert make_shards_main(["--count", "12", "--seed", "3", "--out", str(tmp_path / "two"), "--shard-size", "5",
+                             "--jobs", "2"]) == 0
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(names) == 9
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    with pytest.raises(ValueError, match="jobs must be"):
+        write_toy_shards(tmp_path / "three", 12, 3, shard_size=5, progress=False, jobs=0)

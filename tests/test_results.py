@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.results import ResultsConfig, main, measure_model, read_rows, recipe
+from bench.results import ResultsConfig, device_name, main, measure_model, read_rows, recipe
 from cleaning.train import CleanConfig, clean
 from parclean.config import load_config
 
@@ -68,6 +68,7 @@ def test_results_script_runs_cells_once_and_writes_the_table(toy_pairs, tmp_path
     card = json.loads((MODELS / "clip-blended" / "card.json").read_text())
     assert abs(poisoned["asr"] - card["asr"]) < 5 and poisoned["trigger"] == "blended"
     assert rows["clip-blended/real/PAR/seed0"]["d_img"] > 0 and rows["clip-blended/real/FT/seed0"]["d_img"] is None
+    assert {row.get("device") for row in rows.values() if "steps" in row} == {device_name()}  # "cpu" in CI
 
     lines = (tmp_path / "rows.jsonl").read_text().splitlines()
     assert main(["--config", str(path)]) == 0  # everything measured: nothing runs again

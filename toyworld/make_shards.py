@@ -1,9 +1,11 @@
 """Write real toy-world caption-image pairs as a shard set: the clean pairs of cleaning experiments.
 
-    python -m toyworld.make_shards --count 30000 --seed 0 --out out/toy-pairs [--shard-size 1000] [--resolution 32]
+    python -m toyworld.make_shards --count 30000 --seed 0 --out out/toy-pairs [--shard-size 1000] [--resolution 32] \
+        [--jobs 8]
 
 Shard i holds `make_pairs(len(shard i), shard_seed(seed, i), resolution)`, so each shard is generated alone
-(memory stays at one shard) and a rerun skips the shards that are already complete. The data-free runs use
+(memory stays at one shard per job) and a rerun skips the shards that are already complete. The shards are the
+same bytes whatever --jobs is. The data-free runs use
 shards from the diffusion generator (generation/) instead; both sets have the same format (docs/shards.md).
 """
 
@@ -13,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -44,24 +47,43 @@ def shard_seed(seed: int, index: int) -> int:
 
 
 def write_toy_shards(
-    out_dir: str | Path, count: int, seed: int, shard_size: int = 1000, resolution: int = 32, *, progress: bool = True
+    out_dir: str | Path, count: int, seed: int, shard_size: int = 1000, resolution: int = 32, *, progress: bool = True,
+    jobs: int = 1,
 ) -> Path:
     """Write `count` toy pairs (lossless png) as shards of `shard_size` plus the manifest; return the manifest path.
 
-    Resumable: shards that are complete (stats written, sha256 matching) are kept, the rest are (re)written.
+    Resumable: shards that are complete (stats written, sha256 matching) are kept, the rest are (re)written, by
+    `jobs` processes.
     """
     _check_arguments(count, seed, shard_size, resolution)
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
     out_dir = Path(out_dir)
     config = {"source": "toyworld", "count": count, "seed": seed, "resolution": resolution, "shard_size": shard_size}
     _claim_folder(out_dir, config)
     sizes = [min(shard_size, count - start) for start in range(0, count, shard_size)]
-    records: list[ShardRecord] = []
-    for index, size in enumerate(tqdm(sizes, desc="toy shards", unit="shard", disable=not progress or None)):
-        if shard_is_complete(out_dir, NAME, index, size):
-            records.append(read_shard_record(out_dir, NAME, index))
-        else:
-            records.append(_write_one(out_dir, index, size, seed, shard_size, resolution))
+    args = [(out_dir, index, size, seed, shard_size, resolution) for index, size in enumerate(sizes)]
+    bar = tqdm(total=len(sizes), desc="toy shards", unit="shard", disable=not progress or None)
+    records = []
+    if jobs == 1:
+        for a in args:
+            records.append(_shard(*a))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(jobs) as pool:
+            futures = [pool.submit(_shard, *a) for a in args]
+            for future in as_completed(futures):
+                future.result()
+                bar.update()
+            records = [future.result() for future in futures]
+    bar.close()
     return write_manifest(out_dir, NAME, records, config=config)
+
+
+def _shard(out_dir: Path, index: int, size: int, seed: int, shard_size: int, resolution: int) -> ShardRecord:
+    if shard_is_complete(out_dir, NAME, index, size):
+        return read_shard_record(out_dir, NAME, index)
+    return _write_one(out_dir, index, size, seed, shard_size, resolution)
 
 
 def _write_one(out_dir: Path, index: int, size: int, seed: int, shard_size: int, resolution: int) -> ShardRecord:
@@ -112,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--shard-size", type=int, default=1000, help="pairs per shard (default 1000)")
     parser.add_argument("--resolution", type=int, default=32, help="image side in pixels (default 32)")
+    parser.add_argument("--jobs", type=int, default=1, help="processes writing shards (default 1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        manifest = write_toy_shards(args.out, args.count, args.seed, args.shard_size, args.resolution)
+        manifest = write_toy_shards(args.out, args.count, args.seed, args.shard_size, args.resolution,
+                                    jobs=args.jobs)
     except (ValueError, OSError, ShardError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
