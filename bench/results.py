@@ -3,6 +3,7 @@
     python -m bench.results --config configs/results/toy-3k.yaml            # run what is missing, write the doc
     python -m bench.results --config configs/results/toy-3k.yaml --only organism=clip-badnet --only seed=0
     python -m bench.results --config configs/results/toy-3k.yaml --report    # only rewrite docs/results.md
+    python -m bench.results --jobs 12      # 12 cells at a time (one process each; on a GPU they share it)
 
 Each cell (organism, data, method, seed, sweep point) cleans the organism with the method's recipe plus the
 shared budget overrides, measures clean accuracy and ASR on the organism's own trigger, and appends one JSON
@@ -18,10 +19,12 @@ import argparse
 import hashlib
 import json
 import logging
+import multiprocessing
 import statistics
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,7 +215,7 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
-def run(cfg: ResultsConfig, only: dict[str, str]) -> None:
+def run(cfg: ResultsConfig, only: dict[str, str], jobs: int = 1) -> None:
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
     rows_path = Path(cfg.rows)
@@ -228,11 +231,29 @@ def run(cfg: ResultsConfig, only: dict[str, str]) -> None:
             done[key] = row
     todo = [c for c in cells(cfg) if c.key not in done and _selected(
         {"organism": c.organism, "data": c.data, "method": c.method, "seed": str(c.seed)}, only)]
-    for number, cell in enumerate(todo, 1):
-        log.info("[%d/%d] %s", number, len(todo), cell.key)
-        row = run_cell(cfg, cell, work)
-        _append(rows_path, row)
-        log.info("%s: clean %.1f, ASR %.1f (%.0f s)", cell.key, row["clean_acc"], row["asr"], row["seconds"])
+    if jobs == 1:
+        for number, cell in enumerate(todo, 1):
+            log.info("[%d/%d] %s", number, len(todo), cell.key)
+            _record(rows_path, run_cell(cfg, cell, work))
+        return
+    # spawn, not fork: CUDA cannot be used in a forked child
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        log.info("%d cells, %d at a time", len(todo), jobs)
+        futures = {pool.submit(run_cell, cfg, cell, work): cell for cell in todo}
+        failed = []
+        for future in as_completed(futures):
+            try:
+                _record(rows_path, future.result())
+            except Exception as err:  # the other cells go on; their rows are kept
+                log.error("%s failed: %s", futures[future].key, err)
+                failed.append(futures[future].key)
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(todo)} cells failed ({', '.join(failed)}); the others are recorded")
+
+
+def _record(rows_path: Path, row: dict[str, Any]) -> None:
+    _append(rows_path, row)
+    log.info("%s: clean %.1f, ASR %.1f (%.0f s)", row["key"], row["clean_acc"], row["asr"], row["seconds"])
 
 
 def _selected(values: dict[str, str], only: dict[str, str]) -> bool:
@@ -378,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--only", action="append", default=[], metavar="FIELD=VALUE",
                         help="run only matching cells: organism, data, method or seed (repeatable)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="cells cleaned at a time, each in its own process (they share a GPU if there is one)")
     parser.add_argument("--report", action="store_true", help="only rewrite the document from the rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -385,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(ResultsConfig, args.config, dict(parse_override(s) for s in args.set))
         only = dict(parse_override(s) for s in args.only)
         if not args.report:
-            run(cfg, only)
+            if args.jobs < 1:
+                raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+            run(cfg, only, args.jobs)
         print(write_doc(cfg, args.config))
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -60,7 +60,7 @@ def test_results_script_runs_cells_once_and_writes_the_table(toy_pairs, tmp_path
     }
     path = tmp_path / "results.yaml"
     path.write_text(yaml.safe_dump(config))
-    assert main(["--config", str(path)]) == 0
+    assert main(["--config", str(path), "--jobs", "2"]) == 0  # cells in two spawned processes
     rows = read_rows(tmp_path / "rows.jsonl")
     assert set(rows) == {"clip-blended/poisoned", "clip-blended/real/PAR/seed0", "clip-blended/real/FT/seed0",
                          "clip-blended/real/PAR/seed0-tau0.5"}
