@@ -245,10 +245,10 @@ def run(cfg: ResultsConfig, only: dict[str, str], jobs: int = 1) -> None:
             try:
                 _record(rows_path, future.result())
             except Exception as err:  # the other cells go on; their rows are kept
-                log.error("%s failed: %s", futures[future].key, err)
-                failed.append(futures[future].key)
+                failed.append(f"{futures[future].key}: {err}")
+                log.error("%s", failed[-1])
     if failed:
-        raise ValueError(f"{len(failed)} of {len(todo)} cells failed ({', '.join(failed)}); the others are recorded")
+        raise ValueError(f"{len(failed)} of {len(todo)} cells failed ({'; '.join(failed)}); the others are recorded")
 
 
 def _record(rows_path: Path, row: dict[str, Any]) -> None:

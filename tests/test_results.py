@@ -87,6 +87,28 @@ def test_results_script_names_a_missing_organism(tmp_path, capsys):
     assert "clip-nope/model.safetensors: no organism weights" in capsys.readouterr().err
 
 
+def test_parallel_cells_keep_the_rows_of_the_others_when_one_fails(toy_pairs, tmp_path, capsys):
+    config = {
+        "organisms": ["clip-blended"],
+        "data": [{"name": "real", "shards": toy_pairs}, {"name": "gone", "shards": str(tmp_path / "no-shards")}],
+        "methods": [{"name": "FT", "config": "configs/clean/toy-cpu-ft.yaml"}],
+        "seeds": [0],
+        "budget": {"steps": 2, "batch_size": 16, "warmup_steps": 1},
+        "eval_count": 100,
+        "work": str(tmp_path / "work"),
+        "rows": str(tmp_path / "rows.jsonl"),
+        "doc": str(tmp_path / "results.md"),
+    }
+    path = tmp_path / "results.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["--config", str(path), "--jobs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "1 of 2 cells failed (clip-blended/gone/FT/seed0: " in err and "no-shards/manifest.json: no manifest" in err
+    assert set(read_rows(tmp_path / "rows.jsonl")) == {"clip-blended/poisoned", "clip-blended/real/FT/seed0"}
+    assert main(["--config", str(path), "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
 def test_rows_of_replaced_weights_or_recipes_are_measured_again(toy_pairs, tmp_path):
     """Rows carry the organism's weights fingerprint and the cell's recipe fingerprint: new weights under the same
     name, or a changed recipe, are never read as old; a setting that only paces the run changes nothing."""
