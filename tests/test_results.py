@@ -27,6 +27,13 @@ def toy_pairs(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(folder)
 
 
+def tiny_table(tmp_path: Path, **fields) -> dict:
+    """A results config of two-step cells on clip-blended, writing under tmp_path; `fields` add to or replace it."""
+    return {"organisms": ["clip-blended"], "seeds": [0], "budget": {"steps": 2, "batch_size": 16, "warmup_steps": 1},
+            "eval_count": 200, "work": str(tmp_path / "work"), "rows": str(tmp_path / "rows.jsonl"),
+            "doc": str(tmp_path / "results.md"), **fields}
+
+
 def test_par_removes_the_blended_backdoor_and_keeps_most_accuracy(toy_pairs, tmp_path):
     """The table's PAR cell for the shipped Blended organism (clean 65.0, ASR 90.6), run again from scratch:
     configs/clean/toy-cpu.yaml, 300 steps at batch 128 (about 3 minutes on one core)."""
@@ -45,19 +52,13 @@ def test_par_removes_the_blended_backdoor_and_keeps_most_accuracy(toy_pairs, tmp
 
 
 def test_results_script_runs_cells_once_and_writes_the_table(toy_pairs, tmp_path):
-    config = {
-        "organisms": ["clip-blended"],
-        "data": [{"name": "real", "shards": toy_pairs}],
-        "methods": [{"name": "PAR", "config": "configs/clean/toy-cpu.yaml"},
-                    {"name": "FT", "config": "configs/clean/toy-cpu-ft.yaml"}],
-        "seeds": [0],
-        "budget": {"steps": 2, "batch_size": 16, "warmup_steps": 1},
-        "eval_count": 200,
-        "work": str(tmp_path / "work"),
-        "rows": str(tmp_path / "rows.jsonl"),
-        "doc": str(tmp_path / "results.md"),
-        "sweep": {"organism": "clip-blended", "data": "real", "method": "PAR", "tau": [0.5], "steps": [2]},
-    }
+    config = tiny_table(
+        tmp_path,
+        data=[{"name": "real", "shards": toy_pairs}],
+        methods=[{"name": "PAR", "config": "configs/clean/toy-cpu.yaml"},
+                 {"name": "FT", "config": "configs/clean/toy-cpu-ft.yaml"}],
+        sweep={"organism": "clip-blended", "data": "real", "method": "PAR", "tau": [0.5], "steps": [2]},
+    )
     path = tmp_path / "results.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["--config", str(path), "--jobs", "2"]) == 0  # cells in two spawned processes
@@ -88,17 +89,10 @@ def test_results_script_names_a_missing_organism(tmp_path, capsys):
 
 
 def test_parallel_cells_keep_the_rows_of_the_others_when_one_fails(toy_pairs, tmp_path, capsys):
-    config = {
-        "organisms": ["clip-blended"],
-        "data": [{"name": "real", "shards": toy_pairs}, {"name": "gone", "shards": str(tmp_path / "no-shards")}],
-        "methods": [{"name": "FT", "config": "configs/clean/toy-cpu-ft.yaml"}],
-        "seeds": [0],
-        "budget": {"steps": 2, "batch_size": 16, "warmup_steps": 1},
-        "eval_count": 100,
-        "work": str(tmp_path / "work"),
-        "rows": str(tmp_path / "rows.jsonl"),
-        "doc": str(tmp_path / "results.md"),
-    }
+    config = tiny_table(
+        tmp_path, eval_count=100, methods=[{"name": "FT", "config": "configs/clean/toy-cpu-ft.yaml"}],
+        data=[{"name": "real", "shards": toy_pairs}, {"name": "gone", "shards": str(tmp_path / "no-shards")}],
+    )
     path = tmp_path / "results.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["--config", str(path), "--jobs", "2"]) == 2
@@ -116,11 +110,10 @@ def test_rows_of_replaced_weights_or_recipes_are_measured_again(toy_pairs, tmp_p
 
     models = tmp_path / "models"
     shutil.copytree(MODELS / "clip-blended", models / "clip-blended")
-    config = {"organisms": ["clip-blended"], "data": [{"name": "real", "shards": toy_pairs}],
-              "methods": [{"name": "FT", "config": "configs/clean/toy-cpu-ft.yaml", "overrides": {"lr": 1.0e-5}}],
-              "seeds": [0], "budget": {"steps": 2, "batch_size": 16, "warmup_steps": 1}, "eval_count": 200,
-              "models_dir": str(models), "work": str(tmp_path / "work"), "rows": str(tmp_path / "rows.jsonl"),
-              "doc": str(tmp_path / "results.md")}
+    config = tiny_table(
+        tmp_path, data=[{"name": "real", "shards": toy_pairs}], models_dir=str(models),
+        methods=[{"name": "FT", "config": "configs/clean/toy-cpu-ft.yaml", "overrides": {"lr": 1.0e-5}}],
+    )
     path = tmp_path / "results.yaml"
 
     def run(**budget) -> list[dict]:

@@ -15,7 +15,9 @@ import argparse
 import json
 import logging
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -55,32 +57,20 @@ def write_toy_shards(
     Resumable: shards that are complete (stats written, sha256 matching) are kept, the rest are (re)written, by
     `jobs` processes.
     """
-    _check_arguments(count, seed, shard_size, resolution)
-    if not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    _check_arguments(count, seed, shard_size, resolution, jobs)
     out_dir = Path(out_dir)
     config = {"source": "toyworld", "count": count, "seed": seed, "resolution": resolution, "shard_size": shard_size}
     _claim_folder(out_dir, config)
     sizes = [min(shard_size, count - start) for start in range(0, count, shard_size)]
-    args = [(out_dir, index, size, seed, shard_size, resolution) for index, size in enumerate(sizes)]
-    bar = tqdm(total=len(sizes), desc="toy shards", unit="shard", disable=not progress or None)
-    records = []
-    if jobs == 1:
-        for a in args:
-            records.append(_shard(*a))
-            bar.update()
-    else:
-        with ProcessPoolExecutor(jobs) as pool:
-            futures = [pool.submit(_shard, *a) for a in args]
-            for future in as_completed(futures):
-                future.result()
-                bar.update()
-            records = [future.result() for future in futures]
-    bar.close()
+    shards = partial(_shard, out_dir, seed=seed, shard_size=shard_size, resolution=resolution)
+    with ProcessPoolExecutor(jobs) if jobs > 1 else nullcontext() as pool:
+        in_order = (pool.map if pool else map)(shards, range(len(sizes)), sizes)
+        records = list(tqdm(in_order, total=len(sizes), desc="toy shards", unit="shard",
+                            disable=not progress or None))
     return write_manifest(out_dir, NAME, records, config=config)
 
 
-def _shard(out_dir: Path, index: int, size: int, seed: int, shard_size: int, resolution: int) -> ShardRecord:
+def _shard(out_dir: Path, index: int, size: int, *, seed: int, shard_size: int, resolution: int) -> ShardRecord:
     if shard_is_complete(out_dir, NAME, index, size):
         return read_shard_record(out_dir, NAME, index)
     return _write_one(out_dir, index, size, seed, shard_size, resolution)
@@ -103,9 +93,9 @@ def _write_one(out_dir: Path, index: int, size: int, seed: int, shard_size: int,
     return write_shard(out_dir, NAME, index, samples, image_format="png")
 
 
-def _check_arguments(count: int, seed: int, shard_size: int, resolution: int) -> None:
+def _check_arguments(count: int, seed: int, shard_size: int, resolution: int, jobs: int) -> None:
     for name, value, low in (("count", count, 1), ("seed", seed, 0), ("shard_size", shard_size, 1),
-                             ("resolution", resolution, 8)):
+                             ("resolution", resolution, 8), ("jobs", jobs, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
