@@ -11,6 +11,7 @@ row to the rows file (docs/results.jsonl). A rerun skips cells already measured 
 checkpoint, so the table can be built over several sittings and on several machines (split with --only). Each row
 records the organism's weights fingerprint and the cell's recipe fingerprint: rows of weights since replaced, or
 of a recipe, budget or shard set since changed, are neither reused nor reported (the cell is measured again).
+A cell that fails does not stop the others: the run ends with one error listing the failed cells.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,24 +233,36 @@ def run(cfg: ResultsConfig, only: dict[str, str], jobs: int = 1) -> None:
             done[key] = row
     todo = [c for c in cells(cfg) if c.key not in done and _selected(
         {"organism": c.organism, "data": c.data, "method": c.method, "seed": str(c.seed)}, only)]
+    failed = []
+    for cell, outcome in _outcomes(cfg, todo, work, jobs):
+        if isinstance(outcome, Exception):  # the other cells go on; their rows are kept
+            failed.append(f"{cell.key}: {outcome}")
+            log.error("%s", failed[-1])
+        else:
+            _record(rows_path, outcome)
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(todo)} cells failed ({'; '.join(failed)}); the others are recorded")
+
+
+def _outcomes(cfg: ResultsConfig, todo: list[Cell], work: Path, jobs: int) -> Iterator[tuple[Cell, Any]]:
+    """Each cell with its row, or the error that stopped it, as the cells finish."""
     if jobs == 1:
         for number, cell in enumerate(todo, 1):
             log.info("[%d/%d] %s", number, len(todo), cell.key)
-            _record(rows_path, run_cell(cfg, cell, work))
+            try:
+                yield cell, run_cell(cfg, cell, work)
+            except Exception as err:
+                yield cell, err
         return
     # spawn, not fork: CUDA cannot be used in a forked child
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         log.info("%d cells, %d at a time", len(todo), jobs)
         futures = {pool.submit(run_cell, cfg, cell, work): cell for cell in todo}
-        failed = []
         for future in as_completed(futures):
             try:
-                _record(rows_path, future.result())
-            except Exception as err:  # the other cells go on; their rows are kept
-                failed.append(f"{futures[future].key}: {err}")
-                log.error("%s", failed[-1])
-    if failed:
-        raise ValueError(f"{len(failed)} of {len(todo)} cells failed ({'; '.join(failed)}); the others are recorded")
+                yield futures[future], future.result()
+            except Exception as err:
+                yield futures[future], err
 
 
 def _record(rows_path: Path, row: dict[str, Any]) -> None:

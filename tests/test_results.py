@@ -88,14 +88,15 @@ def test_results_script_names_a_missing_organism(tmp_path, capsys):
     assert "clip-nope/model.safetensors: no organism weights" in capsys.readouterr().err
 
 
-def test_parallel_cells_keep_the_rows_of_the_others_when_one_fails(toy_pairs, tmp_path, capsys):
-    config = tiny_table(
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_failing_cell_keeps_the_rows_of_the_others(toy_pairs, tmp_path, capsys, jobs):
+    config = tiny_table(   # the failing cell comes first, so a sequential run must go on past it
         tmp_path, eval_count=100, methods=[{"name": "FT", "config": "configs/clean/toy-cpu-ft.yaml"}],
-        data=[{"name": "real", "shards": toy_pairs}, {"name": "gone", "shards": str(tmp_path / "no-shards")}],
+        data=[{"name": "gone", "shards": str(tmp_path / "no-shards")}, {"name": "real", "shards": toy_pairs}],
     )
     path = tmp_path / "results.yaml"
     path.write_text(yaml.safe_dump(config))
-    assert main(["--config", str(path), "--jobs", "2"]) == 2
+    assert main(["--config", str(path), "--jobs", jobs]) == 2
     err = capsys.readouterr().err
     assert "1 of 2 cells failed (clip-blended/gone/FT/seed0: " in err and "no-shards/manifest.json: no manifest" in err
     assert set(read_rows(tmp_path / "rows.jsonl")) == {"clip-blended/poisoned", "clip-blended/real/FT/seed0"}
