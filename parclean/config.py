@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import types
@@ -72,6 +73,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def write_resolved(cfg: Any, path: str | Path) -> None:
     """Write the resolved config (YAML) beside an output."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def script_parser(description: str) -> argparse.ArgumentParser:
+    """A command-line parser with --config, --out and repeatable --set KEY=VALUE, for the training scripts."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    return parser
 
 
 def parse_override(text: str) -> tuple[str, Any]:

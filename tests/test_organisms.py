@@ -47,3 +47,18 @@ def test_retraining_reproduces_the_card(name, tmp_path):
     again = train(load_config(OrganismConfig, config), tmp_path / name)
     assert abs(again["clean_acc"] - card(name)["clean_acc"]) <= 3.0
     assert abs(again["asr"] - card(name)["asr"]) <= 3.0
+
+
+@pytest.mark.parametrize("script", ["train_clip", "train_sd"])
+def test_training_scripts_name_a_bad_config_in_one_line(script, tmp_path, capsys):
+    import importlib
+
+    bad = tmp_path / "organism.yaml"
+    bad.write_text("steps: [not, a, number]\n")
+    main = importlib.import_module(f"toyworld.{script}").main
+    assert main(["--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'missing.yaml'}: config file not found\n"
+    assert main(["--config", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}") and "steps" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

@@ -9,7 +9,6 @@ Writes model.safetensors, config.yaml, curve.jsonl, card.json and card.md into -
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -26,7 +25,7 @@ from tqdm import tqdm
 from cleaning.attacks import Trigger, apply_trigger, target_captions, to_float_images
 from cleaning.evaluate import LabelledImages, evaluate, normalize
 from cleaning.models import LoadedModel, create_model, load_model, save_model
-from parclean.config import load_config, parse_override, to_dict, write_resolved
+from parclean.config import load_config, parse_override, script_parser, to_dict, write_resolved
 from toyworld.render import classes, eval_set, make_pairs
 
 log = logging.getLogger(__name__)
@@ -103,7 +102,7 @@ def measure(loaded: LoadedModel, cfg: OrganismConfig, data: LabelledImages) -> d
     return evaluate(loaded, data, triggers, cfg.poison.target if trigger is not None else None)
 
 
-def train(cfg: OrganismConfig, out: Path, device: torch.device | str = "cpu") -> dict:
+def train(cfg: OrganismConfig, out: Path, device: torch.device | str = "cpu", command: str = "") -> dict:
     """Train (or resume) the organism into `out` on `device`; returns the final card."""
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -141,7 +140,7 @@ def train(cfg: OrganismConfig, out: Path, device: torch.device | str = "cpu") ->
             log.info("step %d: %s", done, point)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _checkpoint(loaded, optimizer, done, out)
-    return _card(cfg, out, loaded, data, time.time() - started, torch.device(device))
+    return _card(cfg, out, loaded, data, time.time() - started, torch.device(device), command)
 
 
 def _checkpoint(loaded: LoadedModel, optimizer: torch.optim.Optimizer, step: int, out: Path) -> None:
@@ -170,7 +169,7 @@ def _truncate_curve(path: Path, step: int) -> None:
 
 
 def _card(cfg: OrganismConfig, out: Path, loaded: LoadedModel, data: LabelledImages, seconds: float,
-          device: torch.device) -> dict:
+          device: torch.device, command: str) -> dict:
     # fp16 on disk halves a shipped organism; the card's numbers are measured from that saved file.
     save_model(loaded, out / "model.safetensors", dtype=torch.float16)
     final = measure(load_model(weights=out / "model.safetensors"), cfg, data)
@@ -189,7 +188,7 @@ def _card(cfg: OrganismConfig, out: Path, loaded: LoadedModel, data: LabelledIma
         "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
         "train_seconds_last_session": round(seconds, 1),
         "train_device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "command": " ".join(["python -m toyworld.train_clip", *sys.argv[1:]]),
+        "command": command,
         "config": to_dict(cfg),
     }
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
@@ -198,16 +197,18 @@ def _card(cfg: OrganismConfig, out: Path, loaded: LoadedModel, data: LabelledIma
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    parser = script_parser(__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to train (default: cuda when available); evaluation follows the model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = load_config(OrganismConfig, args.config, dict(parse_override(s) for s in args.set))
-    card = train(cfg, args.out, args.device)
+    command = " ".join(["python -m toyworld.train_clip", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        cfg = load_config(OrganismConfig, args.config, dict(parse_override(s) for s in args.set))
+        card = train(cfg, args.out, args.device, command)
+    except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(json.dumps({k: card[k] for k in ("clean_acc", "asr", "chance_acc")}))
     return 0
 

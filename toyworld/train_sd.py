@@ -12,7 +12,6 @@ it would have seen. A finished phase is skipped on rerun (vae/ exists: the VAE i
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from cleaning.attacks import to_float_images
 from cleaning.evaluate import DEFAULT_TEMPLATES, predict, zero_shot_classifier
 from cleaning.models import LoadedModel, load_model
-from parclean.config import load_config, parse_override, to_dict, write_resolved
+from parclean.config import load_config, parse_override, script_parser, to_dict, write_resolved
 from prompts.bank import load_bank
 from toyworld.fidelity import HELD_OUT_SEED, measure_fidelity
 from toyworld.render import classes, eval_set, make_pairs
@@ -562,10 +561,7 @@ def write_card(cfg: ToySDConfig, out: Path, models: dict, command: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    parser = script_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     command = " ".join(["python -m toyworld.train_sd", *(sys.argv[1:] if argv is None else argv)])
