@@ -102,17 +102,16 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per measure: clean accuracy, then ASR per trigger."""
-        rows = [{"metric": "clean accuracy (%)", "before": self.before["clean_acc"], "after": self.after["clean_acc"]}]
-        for name, value in self.before["asr"].items():
-            rows.append({"metric": f"ASR {name} (%)", "before": value, "after": self.after["asr"].get(name)})
-        return rows
+        """One row per measure: clean accuracy, then ASR per trigger; percentages to one decimal."""
+        rows = [("clean accuracy (%)", self.before["clean_acc"], self.after["clean_acc"])]
+        rows += [(f"ASR {name} (%)", value, self.after["asr"].get(name)) for name, value in self.before["asr"].items()]
+        return [{"metric": metric, "before": _round(before), "after": _round(after),
+                 "change": _round(after - before) if after is not None else None} for metric, before, after in rows]
 
     def markdown(self) -> str:
         lines = ["# parclean cleaning report", "", "| metric | before | after | change |", "|---|---|---|---|"]
         for row in self.rows():
-            lines.append(f"| {row['metric']} | {row['before']:.1f} | {row['after']:.1f} | "
-                         f"{row['after'] - row['before']:+.1f} |")
+            lines.append(f"| {row['metric']} | {row['before']:.1f} | {row['after']:.1f} | {row['change']:+.1f} |")
         lines += ["", f"Evaluation: {self.after.get('eval_images')} images, chance "
                   f"{self.after.get('chance_acc', 0):.1f}%. ASR counts triggered images whose true class is not "
                   "the target.", "", "## Settings", ""]
@@ -132,6 +131,20 @@ class Report:
         return json_path, md_path
 
 
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 1)
+
+
+# Columns of the trainer's log that are not loss terms: they get their own axes, or none.
+NOT_LOSS_TERMS = {"step", "lr", "seconds", "time", "d_img", "d_txt"}
+
+
+def loss_terms(records: list[dict[str, Any]]) -> list[str]:
+    """The numeric columns of a training log that are loss terms (not step, lr, wall time or distances)."""
+    keys = sorted({key for record in records for key in record} - NOT_LOSS_TERMS)
+    return [key for key in keys if all(isinstance(r.get(key), (int, float)) for r in records)]
+
+
 def plot_training(log_path: str | Path, png_path: str | Path) -> Path:
     """Loss terms and perturbation distances against step, from the trainer's JSONL log."""
     import matplotlib
@@ -144,10 +157,8 @@ def plot_training(log_path: str | Path, png_path: str | Path) -> Path:
         raise ValueError(f"{log_path}: empty training log")
     steps = [r["step"] for r in records]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for key in sorted({k for r in records for k in r} - {"step", "lr", "d_img", "d_txt", "time"}):
-        values = [r.get(key) for r in records]
-        if all(isinstance(v, (int, float)) for v in values):
-            left.plot(steps, values, label=key)
+    for key in loss_terms(records):
+        left.plot(steps, [r[key] for r in records], label=key)
     left.set_xlabel("step")
     left.set_title("loss terms")
     left.legend(fontsize=8)
@@ -155,7 +166,9 @@ def plot_training(log_path: str | Path, png_path: str | Path) -> Path:
         if key in records[0]:
             right.plot(steps, [r[key] for r in records], label=key)
     right.set_xlabel("step")
-    right.set_title("distance to the starting model")
+    right.set_title("distance to the starting model" if "d_img" in records[0] else "learning rate")
+    if "d_img" not in records[0] and "lr" in records[0]:
+        right.plot(steps, [r["lr"] for r in records], label="lr")
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path, dpi=90)

@@ -25,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from cleaning.report import EvalConfig, Report, measure, plot_training
 from cleaning.train import LOG_NAME, CleanConfig, clean
 from flows.config import LAUNCHERS
+from flows.progress import TrainingWatcher, artifact_key
 from parclean.config import ConfigError, from_dict, load_config, to_dict
 
 logger = logging.getLogger(__name__)
@@ -53,19 +54,29 @@ def evaluate_task(model: str, eval_config: dict, label: str) -> dict[str, Any]:
     start = time.perf_counter()
     result = measure(load_model(weights=model), from_dict(EvalConfig, eval_config, source="<eval config>"))
     result["seconds"] = round(time.perf_counter() - start, 3)
-    logger.info("%s: clean accuracy %.1f%%, ASR %s", label, result["clean_acc"],
-                {name: round(value, 1) for name, value in result["asr"].items()})
+    logger.info("%s: clean accuracy %.1f%%, %s", label, result["clean_acc"], asr_text(result["asr"]))
     return result
 
 
-@task(name="clean", cache_policy=NO_CACHE)
+@task(name="clean", task_run_name="clean", cache_policy=NO_CACHE)
 def clean_task(model: str, shards: str, clean_config: dict, out_dir: str, launcher: str = "in-process",
-               num_processes: int = 1, accelerate_args: list[str] | None = None) -> dict[str, Any]:
-    """Run the cleaning stage; a rerun with the same out_dir resumes from its latest checkpoint."""
+               num_processes: int = 1, accelerate_args: list[str] | None = None,
+               artifact_prefix: str = "clean") -> dict[str, Any]:
+    """Run the cleaning stage, its progress in an artifact and the log; a rerun of out_dir resumes."""
     cfg = from_dict(CleanConfig, clean_config, source="<clean config>")
-    if launcher == "in-process":
-        return clean(cfg, model, shards, out_dir, progress=False)
-    return launch_accelerate(cfg, model, shards, out_dir, num_processes, accelerate_args or [])
+    watcher = TrainingWatcher(Path(out_dir) / LOG_NAME, cfg.steps, cfg.batch_size,
+                              key=artifact_key(artifact_prefix, "cleaning-progress"))
+    with watcher:
+        if launcher == "in-process":
+            return clean(cfg, model, shards, out_dir, progress=False)
+        return launch_accelerate(cfg, model, shards, out_dir, num_processes, accelerate_args or [])
+
+
+def asr_text(asr: dict[str, float]) -> str:
+    """'ASR badnet 98.2%, blended 3.1%' (or 'no triggers named')."""
+    if not asr:
+        return "no triggers named"
+    return "ASR " + ", ".join(f"{name} {value:.1f}%" for name, value in asr.items())
 
 
 def launch_accelerate(cfg: CleanConfig, model: str, shards: str, out_dir: str, num_processes: int,
@@ -86,20 +97,34 @@ def launch_accelerate(cfg: CleanConfig, model: str, shards: str, out_dir: str, n
     return json.loads((out / "result.json").read_text())
 
 
-@task(name="publish-report", cache_policy=NO_CACHE)
-def publish_report_task(before: dict, after: dict, settings: dict, timings: dict, out_dir: str) -> str:
-    """report.json + report.md, the training plot, and the Markdown and table artifacts; returns report.md."""
+@task(name="write-report", task_run_name="write-report", cache_policy=NO_CACHE)
+def write_report_task(before: dict, after: dict, settings: dict, timings: dict, out_dir: str) -> str:
+    """report.json, report.md and the training plot in out_dir; returns report.md's path."""
     out = Path(out_dir)
     report = Report(before=before, after=after, settings=settings, timings=timings)
     _, markdown_path = report.write(out)
-    markdown = report.markdown()
     log_path = out / LOG_NAME
     if log_path.is_file() and log_path.stat().st_size:
-        markdown += "\n## Training\n\n" + _image_markdown(plot_training(log_path, out / PLOT_NAME), "loss terms")
-    markdown += f"\nFiles: `{markdown_path}`, `{out / MODEL_NAME}`\n"
-    create_markdown_artifact(markdown, key="cleaning-report", description=f"cleaning report: {out}")
-    create_table_artifact(report.rows(), key="cleaning-report-table", description="before / after")
+        plot_training(log_path, out / PLOT_NAME)
     return str(markdown_path)
+
+
+@task(name="publish-report", task_run_name="publish-report", cache_policy=NO_CACHE)
+def publish_report_task(out_dir: str, artifact_prefix: str) -> str:
+    """The report of out_dir (table, ASR per trigger, training plot) as Markdown and table artifacts of this
+    run, keyed `<artifact_prefix>-cleaning-report[-table]`; returns report.md's path."""
+    out = Path(out_dir)
+    data = json.loads((out / "report.json").read_text())
+    report = Report(before=data["before"], after=data["after"], settings=data["settings"], timings=data["timings"])
+    markdown = report.markdown()
+    if (out / PLOT_NAME).is_file():
+        markdown += "\n## Training\n\n" + _image_markdown(out / PLOT_NAME, "loss terms")
+    markdown += f"\nFiles: `{out / 'report.md'}`, `{out / MODEL_NAME}`\n"
+    create_markdown_artifact(markdown, key=artifact_key(artifact_prefix, "cleaning-report"),
+                             description=f"cleaning report: {out}")
+    create_table_artifact(report.rows(), key=artifact_key(artifact_prefix, "cleaning-report-table"),
+                          description="before / after")
+    return str(out / "report.md")
 
 
 @flow(name="clean-model", validate_parameters=False)
@@ -114,27 +139,33 @@ def clean_model_flow(
     accelerate_args: list[str] | None = None,
     extra_settings: dict | None = None,
     extra_timings: dict | None = None,
+    artifact_prefix: str | None = None,
+    publish: bool = True,
 ) -> str:
     """Evaluate `model`, clean it on `shards`, evaluate the result, publish the report; returns report.md's path.
 
     launcher: "in-process", or "accelerate" (`accelerate launch --num_processes num_processes`, for GPUs).
     extra_settings, extra_timings: more lines for the report (the pipeline adds the generator's).
+    artifact_prefix: starts every artifact key (default: out_dir's name); publish: False leaves the report's
+    artifacts to the calling flow (the pipeline publishes them on its own run).
     """
     clean_cfg = resolve(CleanConfig, clean_config)
     eval_cfg = resolve(EvalConfig, eval_config)
     if launcher not in LAUNCHERS:
         raise ConfigError(f"launcher={launcher!r}: use one of {', '.join(LAUNCHERS)}")
     model, shards, out = str(model), str(shards), str(out_dir)
+    prefix = artifact_prefix or Path(out).resolve().name
     eval_settings = to_dict(eval_cfg)
     before = evaluate_task(model, eval_settings, label="before")
     start = time.perf_counter()
-    result = clean_task(model, shards, to_dict(clean_cfg), out, launcher, num_processes, accelerate_args)
+    result = clean_task(model, shards, to_dict(clean_cfg), out, launcher, num_processes, accelerate_args, prefix)
     clean_seconds = time.perf_counter() - start
     after = evaluate_task(str(Path(out) / MODEL_NAME), eval_settings, label="after")
     settings = report_settings(model, shards, clean_cfg, eval_cfg, result, extra_settings)
     timings = {**(extra_timings or {}), "evaluate before": before.pop("seconds"), "clean": round(clean_seconds, 3),
                "evaluate after": after.pop("seconds")}
-    return publish_report_task(before, after, settings, timings, out)
+    report_md = write_report_task(before, after, settings, timings, out)
+    return publish_report_task(out, prefix) if publish else report_md
 
 
 def report_settings(model: str, shards: str, clean_cfg: CleanConfig, eval_cfg: EvalConfig, result: dict,

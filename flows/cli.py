@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import signal
 import sys
+import threading
+
+from parclean import console
 
 # name: (module, function adding the arguments, function running the command, one-line help).
 # Command modules import their heavy dependencies inside the run function, so `parclean --help` stays quick.
@@ -31,7 +34,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parclean", description="Data-free backdoor cleaning for CLIP (PAR).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="every library's log lines and loading bars, and tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, add_name, _, help_text) in SUBCOMMANDS.items():
         add = getattr(importlib.import_module(module_name), add_name)
@@ -39,12 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED, TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # the shell's exit codes for them
+
+
+def stop_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C: context managers close (Prefect's temporary server stops with this process)."""
+    raise SystemExit(TERMINATED)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    console.configure(args.verbose)
     module_name, _, run_name, _ = SUBCOMMANDS[args.command]
     command = getattr(importlib.import_module(module_name), run_name)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
     try:
         return int(command(args) or 0)
     except (ValueError, FileNotFoundError, OSError) as err:
@@ -53,6 +66,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"parclean {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, SystemExit) as stop:
+        if isinstance(stop, SystemExit) and stop.code != TERMINATED:
+            raise
+        how = "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
+        print(f"parclean {args.command}: stopped by {how}; the same command resumes from the last checkpoint",
+              file=sys.stderr)
+        return INTERRUPTED if isinstance(stop, KeyboardInterrupt) else TERMINATED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
+from prefect.futures import wait
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows.progress import GenerationWatcher, ImageCounter, artifact_key
 from generation.config import GenerateConfig
 from generation.run import (
     check_output_folder,
@@ -49,6 +51,8 @@ logger = logging.getLogger(__name__)
 RUNNERS = ("local", "dask")
 SHARD_RETRIES = 2
 SHARD_RETRY_DELAY_SECONDS = 10.0
+PROGRESS_FOLDER = ".progress"  # per-shard image counters, read by the flow's progress watcher
+DASK_CLUSTER_WINDOW = 64  # shard tasks in flight on a cluster of unknown size
 # The settings that decide which pipeline object a process holds; the others (count, seed, ...) do not.
 PIPELINE_FIELDS = ("model", "device", "dtype", "scheduler", "compile", "channels_last", "safety_checker")
 
@@ -116,11 +120,12 @@ def generate_shard_task(
     pipe, lock = cached_pipeline(cfg)
     with lock, _gpu_slot(gpu_limit):  # this process's turn first, then a GPU slot
         start = time.perf_counter()
-        record = generate_shard(cfg, out_dir, index, captions, pipe, progress=None)
+        counter = ImageCounter(Path(out_dir) / PROGRESS_FOLDER, index)
+        record = generate_shard(cfg, out_dir, index, captions, pipe, progress=counter)
     return {"index": index, "written": True, "seconds": round(time.perf_counter() - start, 3), **asdict(record)}
 
 
-@task(name="write-manifest", cache_policy=NO_CACHE)
+@task(name="write-manifest", task_run_name="write-manifest", cache_policy=NO_CACHE)
 def write_manifest_task(config: dict, out_dir: str, num_shards: int) -> str:
     """manifest.json and sizes.json over all shards, read back from their done markers."""
     cfg = from_dict(GenerateConfig, config, source="<generate config>")
@@ -138,12 +143,14 @@ def generate_shards_flow(
     retries: int = SHARD_RETRIES,
     retry_delay_seconds: float = SHARD_RETRY_DELAY_SECONDS,
     gpu_limit: str | None = None,
+    artifact_prefix: str | None = None,
 ) -> dict[str, Any]:
     """Generate the shard set of `config` into `out_dir`: only missing shards, then the manifest.
 
     runner: "local" (threads in this process, one pipeline, shards one at a time) or "dask" (a LocalCluster of
     `n_workers` processes, one thread each, or the cluster at `dask_address`; one pipeline per worker).
     gpu_limit: name of a Prefect global concurrency limit each shard holds a slot of while it generates.
+    artifact_prefix: starts the keys of the progress and summary artifacts (default: out_dir's name).
     """
     cfg = resolve_generate_config(config, overrides)
     pool = task_runner(runner, dask_address, n_workers)  # checked before anything is written
@@ -153,31 +160,53 @@ def generate_shards_flow(
     plan = shard_plan(cfg)  # the caption list, computed once
     settings = to_dict(cfg)
     shard_task = generate_shard_task.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
-    progress = create_progress_artifact(0.0, key="generate-shards-progress", description=f"shards of {out}")
+    todo = [(i, captions) for i, captions in enumerate(plan) if not shard_is_complete(out, cfg.name, i, len(captions))]
+    total, already = cfg.num_samples, cfg.num_samples - sum(len(captions) for _, captions in todo)
+    counters = Path(out) / PROGRESS_FOLDER
+    shutil.rmtree(counters, ignore_errors=True)
+    prefix = artifact_prefix or artifact_key(Path(out).resolve().name)
+    watcher = GenerationWatcher(counters, total, already, key=artifact_key(prefix, "generation-progress"))
     start = time.perf_counter()
-    results, failed = [], []
-    with pool:
-        futures = [
-            pool.submit(shard_task, {"config": settings, "out_dir": out, "index": i, "captions": captions,
-                                     "gpu_limit": gpu_limit})
-            for i, captions in enumerate(plan)
-        ]
-        for done, future in enumerate(as_completed(futures), start=1):
-            future.wait()
-            if future.state.is_completed():
-                results.append(future.result())
-            else:
-                failed.append(future)
-            update_progress_artifact(progress, 100.0 * done / len(plan))
+    with pool, watcher:
+        results, failed = _run_shards(pool, shard_task, todo, window(runner, n_workers, dask_address),
+                                      {"config": settings, "out_dir": out, "gpu_limit": gpu_limit})
+    shutil.rmtree(counters, ignore_errors=True)
     if failed:
-        logger.error("%d of %d shards failed; finished shards are kept and a rerun resumes", len(failed), len(plan))
+        logger.error("%d of %d shards failed; finished shards are kept and a rerun resumes", len(failed), len(todo))
         failed[0].result()  # raises the first failure, which fails the flow run with its message
     manifest = write_manifest_task(settings, out, len(plan))
     summary = _summary(cfg, out, manifest, results, time.perf_counter() - start)
-    create_markdown_artifact(_summary_markdown(summary), key="generate-shards-summary", description="shard set")
+    create_markdown_artifact(_summary_markdown(summary), key=artifact_key(prefix, "shard-set"),
+                             description="shard set")
     logger.info("%s: %d shards written, %d already complete", out, summary["shards_written"],
                 summary["shards_skipped"])
     return summary
+
+
+def window(runner: str, n_workers: int, dask_address: str | None) -> int:
+    """Shard tasks in flight at once: as many as can run (one per worker; one pipeline in this process),
+    so a task's time is its own work, not a wait in a queue."""
+    if runner == "dask" and dask_address is None:
+        return n_workers
+    if runner == "dask":
+        return DASK_CLUSTER_WINDOW
+    return 1
+
+
+def _run_shards(pool: TaskRunner, shard_task: Task, todo: list[tuple[int, list[Caption]]], size: int,
+                arguments: dict[str, Any]) -> tuple[list[dict], list]:
+    """Submit the shard tasks at most `size` at a time; (results of the completed, futures of the failed)."""
+    waiting, running, results, failed = list(reversed(todo)), [], [], []
+    while waiting or running:
+        while waiting and len(running) < size:
+            index, captions = waiting.pop()
+            running.append(pool.submit(shard_task, {**arguments, "index": index, "captions": captions}))
+        done = wait(running, timeout=1.0).done
+        for future in done:
+            future.wait()  # done as a future; its final state may still be on its way
+            (results.append(future.result()) if future.state.is_completed() else failed.append(future))
+        running = [future for future in running if future not in done]
+    return results, failed
 
 
 def task_runner(runner: str, dask_address: str | None = None, n_workers: int = 2) -> TaskRunner:

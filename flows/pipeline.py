@@ -15,22 +15,27 @@ import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.clean import clean_model_flow
+from flows.clean import clean_model_flow, publish_report_task
 from flows.config import PipelineConfig, load_pipeline_config
 from flows.generate import generate_shards_flow
+from flows.progress import artifact_key
 from generation.config import GenerateConfig
 from generation.shards import MANIFEST_NAME, ShardError, iter_samples, verify_shards
 from parclean.config import from_dict, to_dict, write_resolved
 
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
 logger = logging.getLogger(__name__)
 
-THUMBNAIL = 128  # largest side of a sample in the grid artifact
+THUMBNAIL = 128  # longer side of a sample in the grid artifact, in pixels (32 px samples are enlarged 4x)
+GRID_GAP = 4
 GRID_COLUMNS = 8
 _CHUNK = 1 << 20
 
@@ -61,7 +66,7 @@ def is_complete_set(folder: str | Path) -> bool:
     return not problems
 
 
-@task(name="prepare-generator", cache_policy=NO_CACHE)
+@task(name="prepare-generator", task_run_name="prepare-generator", cache_policy=NO_CACHE)
 def prepare_generator_task(generate: dict, tiny_sd: dict | None) -> str:
     """The generator's description for the report; builds the random tiny SD first when the config asks."""
     model = Path(generate["model"])
@@ -75,7 +80,7 @@ def prepare_generator_task(generate: dict, tiny_sd: dict | None) -> str:
     return f"{model} (random tiny SD, untrained: tiny_sd in the config)"
 
 
-@task(name="locate-shards", cache_policy=NO_CACHE)
+@task(name="locate-shards", task_run_name="locate-shards", cache_policy=NO_CACHE)
 def locate_shards_task(generate: dict, cache_root: str) -> dict[str, Any]:
     """The shard set's folder for this config, and whether a complete, verified set is already there."""
     cfg = from_dict(GenerateConfig, generate, source="<generate config>")
@@ -83,9 +88,9 @@ def locate_shards_task(generate: dict, cache_root: str) -> dict[str, Any]:
     return {"folder": str(folder), "complete": is_complete_set(folder)}
 
 
-@task(name="sample-grid", cache_policy=NO_CACHE)
-def sample_grid_task(shards: str, count: int) -> str:
-    """A Markdown artifact with the first `count` generated samples as one small PNG and their captions."""
+@task(name="sample-grid", task_run_name="sample-grid", cache_policy=NO_CACHE)
+def sample_grid_task(shards: str, count: int, artifact_prefix: str = "pipeline") -> str:
+    """A Markdown artifact with the first `count` generated samples as one numbered PNG grid and their captions."""
     samples = []
     for key, image, caption, _ in iter_samples(shards):
         samples.append((key, image, caption))
@@ -97,7 +102,8 @@ def sample_grid_task(shards: str, count: int) -> str:
              "| # | key | caption |", "|---|---|---|"]
     lines += [f"| {i} | {key} | {caption} |" for i, (key, _, caption) in enumerate(samples)]
     markdown = "\n".join(lines) + "\n"
-    create_markdown_artifact(markdown, key="generated-samples", description=f"samples of {shards}")
+    create_markdown_artifact(markdown, key=artifact_key(artifact_prefix, "generated-samples"),
+                             description=f"samples of {shards}")
     return markdown
 
 
@@ -105,6 +111,7 @@ def sample_grid_task(shards: str, count: int) -> str:
 def data_free_clean_flow(pipeline_config: str | dict | PipelineConfig, overrides: dict | None = None) -> str:
     """Generate (or reuse) the shard set, clean the model on it, evaluate and report; returns report.md's path."""
     cfg = load_pipeline_config(pipeline_config, overrides)
+    prefix = pipeline_name(pipeline_config)
     generate = to_dict(cfg.generate)
     generator = prepare_generator_task(generate, to_dict(cfg.tiny_sd) if cfg.tiny_sd else None)
     shards = locate_shards_task(generate, cfg.shard_cache)
@@ -115,18 +122,34 @@ def data_free_clean_flow(pipeline_config: str | dict | PipelineConfig, overrides
         runner = cfg.runner
         summary = generate_shards_flow(generate, shards["folder"], runner=runner.kind, dask_address=runner.dask_address,
                                        n_workers=runner.n_workers, retries=runner.retries,
-                                       retry_delay_seconds=runner.retry_delay_seconds, gpu_limit=runner.gpu_limit)
+                                       retry_delay_seconds=runner.retry_delay_seconds, gpu_limit=runner.gpu_limit,
+                                       artifact_prefix=prefix)
     if cfg.sample_grid:
-        sample_grid_task(shards["folder"], cfg.sample_grid)
+        sample_grid_task(shards["folder"], cfg.sample_grid, prefix)
     out = run_folder(cfg)
     out.mkdir(parents=True, exist_ok=True)
     write_resolved(cfg, out / "pipeline.yaml")
     extra = {"generator": generator, "bank": cfg.generate.bank, "generation seed": cfg.generate.seed,
              "shard set reused": shards["complete"], "shards generated": summary["shards_written"]}
-    return clean_model_flow(cfg.model, shards["folder"], to_dict(cfg.clean), to_dict(cfg.eval), str(out),
-                            launcher=cfg.launch.launcher, num_processes=cfg.launch.num_processes,
-                            accelerate_args=list(cfg.launch.accelerate_args), extra_settings=extra,
-                            extra_timings={"generate": summary["seconds"]})
+    clean_model_flow(cfg.model, shards["folder"], to_dict(cfg.clean), to_dict(cfg.eval), str(out),
+                     launcher=cfg.launch.launcher, num_processes=cfg.launch.num_processes,
+                     accelerate_args=list(cfg.launch.accelerate_args), extra_settings=extra,
+                     extra_timings={"generate": summary["seconds"]}, artifact_prefix=prefix, publish=False)
+    # Published here, so the run the terminal links to shows the result.
+    report = publish_report_task(str(out), prefix)
+    logger.info("report: %s", report)
+    return report
+
+
+def pipeline_name(pipeline_config: str | Path | dict | PipelineConfig) -> str:
+    """What names this pipeline's artifacts: the deployment's name when run from one, else the config file's."""
+    from prefect.runtime import deployment
+
+    if deployment.name:
+        return artifact_key(deployment.name)
+    if isinstance(pipeline_config, (str, Path)):
+        return artifact_key(Path(pipeline_config).stem)
+    return "pipeline"
 
 
 def run_folder(cfg: PipelineConfig) -> Path:
@@ -162,20 +185,30 @@ def _file_sha256(path: Path) -> str:
 
 
 def _grid_png(images: list) -> bytes:
-    """The images side by side in rows of GRID_COLUMNS, each shrunk to at most THUMBNAIL pixels; PNG bytes."""
-    from PIL import Image
+    """The images in rows of GRID_COLUMNS, each scaled to THUMBNAIL pixels on its longer side (small images
+    enlarged pixel for pixel), numbered as in the caption table; PNG bytes."""
+    from PIL import Image, ImageDraw
 
-    thumbs = []
-    for image in images:
-        thumb = image.convert("RGB")
-        thumb.thumbnail((THUMBNAIL, THUMBNAIL))
-        thumbs.append(thumb)
-    side = max((max(t.size) for t in thumbs), default=1)
-    columns = max(1, min(GRID_COLUMNS, len(thumbs)))
-    rows = max(1, -(-len(thumbs) // columns))
-    grid = Image.new("RGB", (columns * side, rows * side), "white")
-    for i, thumb in enumerate(thumbs):
-        grid.paste(thumb, ((i % columns) * side, (i // columns) * side))
+    cells = [_cell(image) for image in images]
+    columns = max(1, min(GRID_COLUMNS, len(cells)))
+    rows = max(1, -(-len(cells) // columns))
+    grid = Image.new("RGB", (columns * (THUMBNAIL + GRID_GAP), rows * (THUMBNAIL + GRID_GAP)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, cell in enumerate(cells):
+        x, y = (i % columns) * (THUMBNAIL + GRID_GAP), (i // columns) * (THUMBNAIL + GRID_GAP)
+        grid.paste(cell, (x, y))
+        label = str(i)
+        draw.rectangle((x, y, x + 7 * len(label) + 4, y + 13), fill="black")
+        draw.text((x + 2, y + 1), label, fill="white")
     buffer = io.BytesIO()
     grid.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _cell(image: PILImage) -> PILImage:
+    from PIL import Image
+
+    image = image.convert("RGB")
+    scale = THUMBNAIL / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)

@@ -24,6 +24,8 @@ STAGE_LOGGERS = "generation,cleaning,prompts,flows"
 def prepare_logging() -> None:
     """Before Prefect is imported: stage logs to the Prefect UI; no line per HTTP request on the console."""
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", STAGE_LOGGERS)
+    # Their lines outside a flow run (serve's own) go to the terminal only, without a warning each.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     # The temporary server's first start migrates a database: Prefect's 20 s default is too short on a busy CPU.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -41,14 +43,35 @@ def run(args: argparse.Namespace) -> int:
     """Register the deployment `data-free-clean/<name>` with its cron schedule and run its flow runs until ^C."""
     prepare_logging()
     deployment = build_deployment(args.config, _overrides(args.set), args.name)
-    from prefect import serve
-
     if not os.environ.get("PREFECT_API_URL"):
         logger.warning("PREFECT_API_URL is not set: serving against a temporary server that stops with this "
                        "process. Start `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api "
                        "to keep runs, schedules and the UI")
-    serve(deployment)
+    serve_until_stopped(deployment)
     return 0
+
+
+def serve_until_stopped(deployment) -> None:
+    """Prefect's `serve` for one deployment, stopped by Ctrl-C or SIGTERM alike: its schedule is paused on the
+    way out, and a run in progress is stopped with the runner."""
+    import asyncio
+
+    from prefect.runner import Runner
+
+    class _Runner(Runner):
+        def handle_sigterm(self, *args: object, **kwargs: object) -> None:
+            # Prefect's own handler calls the async stop() without awaiting it; unwind as Ctrl-C does instead.
+            raise KeyboardInterrupt
+
+    runner = _Runner(pause_on_shutdown=True)
+    runner.add_deployment(deployment)
+    schedules = ", ".join(s.schedule.cron for s in deployment.schedules)
+    logger.info("serving data-free-clean/%s (cron %s); Ctrl-C or SIGTERM stops", deployment.name, schedules)
+    try:
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        logger.info("stopped serving data-free-clean/%s; its schedule is paused until it is served again",
+                    deployment.name)
 
 
 def build_deployment(config: str | Path, overrides: dict | None = None, name: str | None = None):

@@ -67,6 +67,10 @@ def load_pipeline(cfg: GenerateConfig) -> DiffusionPipeline:
     if "safety_checker" in index and not cfg.safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)  # also skips loading its weights
     logger.info("loading %s (%s) on %s as %s", source, index.get("_class_name", "?"), device, dtype)
+    if not logger.isEnabledFor(logging.DEBUG):
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars: only in debug output
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except OSError as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -95,10 +96,14 @@ def test_generate_flow_writes_every_shard_once_and_reports_progress(finished_set
     assert summary["images_generated"] == 10
     assert verify_shards(out, deep=True) == []
     assert [s["count"] for s in read_manifest(out)["shards"]] == [4, 4, 2]
-    names = sorted(run.name for run in task_runs_of(finished_set["flow_run"]))
-    assert names[:3] == ["shard-0", "shard-1", "shard-2"] and names[3].startswith("write-manifest")
-    progress = latest_artifact("generate-shards-progress")
+    runs = sorted(task_runs_of(finished_set["flow_run"]), key=lambda run: run.start_time)
+    assert [run.name for run in runs] == ["shard-0", "shard-1", "shard-2", "write-manifest"]  # no random suffixes
+    # One pipeline in this process: each shard task is submitted when the last one is done, so its run time in
+    # the UI is its own work, not a wait for the pipeline.
+    assert all(later.start_time >= earlier.end_time for earlier, later in zip(runs, runs[1:], strict=False))
+    progress = latest_artifact(f"{out.name}-generation-progress")
     assert progress is not None and progress.type == "progress" and float(progress.data) == 100.0
+    assert not (out / ".progress").exists()  # the per-shard image counters are gone
 
 
 def test_rerun_of_a_finished_flow_regenerates_nothing(finished_set: dict, tiny_sd_dir: Path) -> None:
@@ -266,11 +271,15 @@ def test_clean_flow_evaluates_cleans_and_publishes_the_report(finished_set: dict
     assert set(report["before"]["asr"]) == set(report["after"]["asr"]) == {"badnet"}
     assert report["settings"]["data size (pairs)"] == 10 and report["settings"]["steps"] == 2
     assert set(report["timings"]) == {"evaluate before", "clean", "evaluate after"}
-    markdown = latest_artifact("cleaning-report")
+    markdown = latest_artifact("cleaned-cleaning-report")  # keyed by the output folder's name
     assert markdown is not None and "| clean accuracy (%) |" in markdown.data
     assert "data:image/png;base64," in markdown.data  # the training plot, embedded
-    table = latest_artifact("cleaning-report-table")
+    table = latest_artifact("cleaned-cleaning-report-table")
     assert table is not None and "ASR badnet (%)" in str(table.data)
+    assert all(isinstance(row["after"], float) and row["after"] == round(row["after"], 1)
+               for row in json.loads(table.data))
+    progress = latest_artifact("cleaned-cleaning-progress")
+    assert progress is not None and float(progress.data) == 100.0
 
 
 @pytest.mark.slow
@@ -311,6 +320,21 @@ def test_shard_set_folder_is_keyed_on_the_generation_settings(tiny_sd_dir: Path,
     assert shard_set_key(GenerateConfig(**generate_settings(copy))) != before
 
 
+def test_sample_grid_enlarges_small_samples_and_numbers_them() -> None:
+    from PIL import Image
+
+    from flows.pipeline import GRID_GAP, THUMBNAIL, _grid_png
+
+    images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "lime", "blue")]
+    grid = Image.open(io.BytesIO(_grid_png(images)))
+    assert grid.size == (3 * (THUMBNAIL + GRID_GAP), THUMBNAIL + GRID_GAP)
+    step = THUMBNAIL + GRID_GAP
+    # Each 32 px sample fills a THUMBNAIL-pixel cell, under its number's black label at the top left.
+    assert [grid.getpixel((i * step + THUMBNAIL - 1, THUMBNAIL - 1)) for i in range(3)] == [(255, 0, 0), (0, 255, 0),
+                                                                                            (0, 0, 255)]
+    assert grid.getpixel((step + 1, 1)) == (0, 0, 0)
+
+
 def test_pipeline_generates_once_then_reuses_the_verified_set(tiny_sd_dir: Path, clip_path: Path,
                                                               tmp_path: Path) -> None:
     settings = pipeline_settings(tmp_path, tiny_sd_dir, clip_path)
@@ -319,8 +343,11 @@ def test_pipeline_generates_once_then_reuses_the_verified_set(tiny_sd_dir: Path,
     folder = shard_set_folder(load_pipeline_config(settings).generate, settings["shard_cache"])
     first = shard_files(folder)
     assert len(first) == 3 and Path(state.result()).is_file()
-    samples = latest_artifact("generated-samples")
+    samples = latest_artifact("pipeline-generated-samples")
     assert samples is not None and "| 3 | 0000003 |" in samples.data and "data:image/png;base64," in samples.data
+    # The result is on the run the terminal links to, the pipeline's own, not only on its clean-model subflow.
+    report = latest_artifact("pipeline-cleaning-report")
+    assert report is not None and report.flow_run_id == flow_run_id(state) and "| clean accuracy (%) |" in report.data
     again = data_free_clean_flow(settings, overrides={"out": str(tmp_path / "run2")}, return_state=True)
     assert again.is_completed(), again.message
     assert shard_files(folder) == first

@@ -1,0 +1,44 @@
+"""What a parclean terminal shows: by default the stages' own lines and each flow run's start, link and end;
+with --verbose every library's INFO lines too (open_clip, Accelerate, Prefect task runs, loading bars)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+# Loggers whose INFO lines are ours and always shown.
+OWN_LOGGERS = ("flows", "cleaning", "generation", "prompts", "toyworld", "parclean")
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DATE_FORMAT = "%H:%M:%S"
+
+
+class QuietFilter(logging.Filter):
+    """Passes warnings, our INFO lines and Prefect's flow-run lines; names the run a bare 'Finished in state'
+    line belongs to; drops other libraries' INFO lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING or record.name.split(".")[0] in OWN_LOGGERS:
+            return True
+        if record.name != "prefect.flow_runs":
+            return False
+        message = record.getMessage()
+        if message.startswith("Finished in state"):
+            state = message.removeprefix("Finished in state ").rstrip(".")
+            flow = getattr(record, "flow_name", "flow")
+            record.msg, record.args = f"{flow} run {getattr(record, 'flow_run_name', '?')!r} finished: {state}", ()
+        return True
+
+
+def configure(verbose: bool = False) -> None:
+    """One stderr handler on the root logger, quiet unless `verbose`; loading bars off unless `verbose`."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
+    if not verbose:
+        handler.addFilter(QuietFilter())
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)

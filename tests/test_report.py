@@ -1,0 +1,32 @@
+"""cleaning/report.py: the report's table and the training plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cleaning.report import Report, loss_terms, plot_training
+
+# Two lines of the trainer's log as it writes them (cleaning/train.py: step, lr, terms, loss, seconds).
+LOG = [{"step": 1, "lr": 3e-4, "clip": 2.1, "perturbation": -0.4, "d_img": 0.1, "d_txt": 0.2, "loss": 1.7,
+        "seconds": 0.9},
+       {"step": 2, "lr": 2e-4, "clip": 2.0, "perturbation": -0.6, "d_img": 0.3, "d_txt": 0.4, "loss": 1.4,
+        "seconds": 1827.5}]
+
+
+def test_the_plot_draws_loss_terms_only_not_wall_time_lr_or_distances(tmp_path: Path) -> None:
+    assert loss_terms(LOG) == ["clip", "loss", "perturbation"]
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps(record) + "\n" for record in LOG))
+    png = plot_training(log, tmp_path / "training.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_rows_are_rounded_to_one_decimal_with_their_change() -> None:
+    report = Report(before={"clean_acc": 71.79999947547913, "asr": {"badnet": 99.95000004768372}},
+                    after={"clean_acc": 70.04999876022339, "asr": {"badnet": 2.049999952316284}})
+    assert report.rows() == [
+        {"metric": "clean accuracy (%)", "before": 71.8, "after": 70.0, "change": -1.8},
+        {"metric": "ASR badnet (%)", "before": 100.0, "after": 2.0, "change": -97.9},
+    ]
+    assert "| ASR badnet (%) | 100.0 | 2.0 | -97.9 |" in report.markdown()
