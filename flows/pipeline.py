@@ -137,8 +137,18 @@ def data_free_clean_flow(pipeline_config: str | dict | PipelineConfig, overrides
                      extra_timings={"generate": summary["seconds"]}, artifact_prefix=prefix, publish=False)
     # Published here, so the run the terminal links to shows the result.
     report = publish_report_task(str(out), prefix)
-    logger.info("report: %s", report)
+    logger.info("%s; report: %s", result_line(out), report)
     return report
+
+
+def result_line(out: Path) -> str:
+    """'clean accuracy 72.5% -> 70.1%, ASR badnet 100.0% -> 2.0%', from out/report.json."""
+    data = json.loads((out / "report.json").read_text())
+    before, after = data["before"], data["after"]
+    parts = [f"clean accuracy {before['clean_acc']:.1f}% -> {after['clean_acc']:.1f}%"]
+    parts += [f"ASR {name} {value:.1f}% -> {after['asr'].get(name, float('nan')):.1f}%"
+              for name, value in before["asr"].items()]
+    return ", ".join(parts)
 
 
 def pipeline_name(pipeline_config: str | Path | dict | PipelineConfig) -> str:

@@ -22,12 +22,32 @@ class QuietFilter(logging.Filter):
             return True
         if record.name != "prefect.flow_runs":
             return False
-        message = record.getMessage()
-        if message.startswith("Finished in state"):
-            state = message.removeprefix("Finished in state ").rstrip(".")
-            flow = getattr(record, "flow_name", "flow")
-            record.msg, record.args = f"{flow} run {getattr(record, 'flow_run_name', '?')!r} finished: {state}", ()
         return True
+
+
+class NamedRunLines(logging.Filter):
+    """Prefect's bare 'Finished in state Completed()' says which run finished: 'task run 'clean' finished:
+    Completed()'. On Prefect's run loggers, so the UI's log shows it named too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Finished in state "):
+            state = message.removeprefix("Finished in state ").rstrip(".")
+            if hasattr(record, "task_run_name"):
+                record.msg = f"task run {record.task_run_name!r} finished: {state}"
+            else:
+                flow = getattr(record, "flow_name", "flow")
+                record.msg = f"{flow} run {getattr(record, 'flow_run_name', '?')!r} finished: {state}"
+            record.args = ()
+        return True
+
+
+def name_prefect_run_lines() -> None:
+    """Attach NamedRunLines to Prefect's run loggers (kept when Prefect configures logging); idempotent."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, NamedRunLines) for f in logger.filters):
+            logger.addFilter(NamedRunLines())
 
 
 def configure(verbose: bool = False) -> None:
