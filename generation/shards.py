@@ -140,7 +140,7 @@ def write_shard(
     }
     _write_atomic(stats_path, _json_bytes(stats, indent=2))
     _remove_leftover_temps(out_dir, filename)
-    logger.info("wrote %s: %d samples (%d flagged), %d bytes", target, len(samples), flagged, size)
+    logger.debug("wrote %s: %d samples (%d flagged), %d bytes", target, len(samples), flagged, size)
     return ShardRecord(filename=filename, count=len(samples), sha256=digest, bytes=size)
 
 
