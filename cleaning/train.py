@@ -56,6 +56,7 @@ SCHEDULES = ("official", "cosine", "constant")
 PRECISIONS = ("no", "fp16", "bf16")
 CHECKPOINTS = "checkpoints"
 LOG_NAME = "train_log.jsonl"
+SCHEDULER_NAME = "scheduler.json"  # the lr scheduler's state in a checkpoint (JSON: nothing to unpickle)
 START_NAME = "start.json"  # the starting weights' digest, checked before a resume
 # Settings a rerun may change and still resume; any other change needs a new --out.
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "threads", "data.num_workers", "data.on_error"}
@@ -194,11 +195,12 @@ def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path 
     optimizer = torch.optim.AdamW(parameter_groups(loaded.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   eps=cfg.eps)
     scheduler = LambdaLR(optimizer, lambda step: learning_rate(cfg, step) / cfg.lr)
+    # The scheduler is not prepared (Accelerate would step it once per process) nor registered for checkpointing
+    # (Accelerate unpickles registered objects with weights_only=False): its state goes to scheduler.json.
     net, optimizer = accelerator.prepare(loaded.model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # not prepared: Accelerate would step it once per process
     logit_scale = float(accelerator.unwrap_model(net).logit_scale.exp())
 
-    start = _start_or_resume(accelerator, out, cfg, starting_weights)
+    start = _start_or_resume(accelerator, out, cfg, starting_weights, scheduler)
     end = max(start, min(cfg.steps, stop_after if stop_after is not None else cfg.steps))
     main = accelerator.is_main_process
     if main:
@@ -243,7 +245,7 @@ def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path 
                 bar.set_postfix({name: f"{value:.4g}" for name, value in terms.items()}, refresh=False)
                 bar.update(1)
             if done % cfg.checkpoint_every == 0 or done == end:
-                _save_checkpoint(accelerator, out, done, cfg.keep_checkpoints)
+                _save_checkpoint(accelerator, out, done, cfg.keep_checkpoints, scheduler)
     seconds = time.perf_counter() - began
 
     result = {"objective": cfg.objective, "steps": end, "steps_run": end - start, "resumed_from": start,
@@ -396,7 +398,8 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _start_or_resume(accelerator: Accelerator, out: Path, cfg: CleanConfig, starting_weights: str) -> int:
+def _start_or_resume(accelerator: Accelerator, out: Path, cfg: CleanConfig, starting_weights: str,
+                     scheduler: LambdaLR) -> int:
     """Write the resolved config; load the latest checkpoint of `out` if any; return the steps already done.
 
     Checkpoints are resumed only by the recipe and the starting weights that made them."""
@@ -419,11 +422,42 @@ def _start_or_resume(accelerator: Accelerator, out: Path, cfg: CleanConfig, star
             (out / LOG_NAME).unlink(missing_ok=True)
         return 0
     step, path = found[-1]
+    _check_pickles(path)
     accelerator.load_state(str(path))
+    scheduler.load_state_dict(_scheduler_state(path))
     if accelerator.is_main_process:
         log.info("resumed from %s (step %d)", path, step)
         _truncate_log(out / LOG_NAME, step)
     return step
+
+
+def _check_pickles(checkpoint: Path) -> None:
+    """Refuse a checkpoint with a pickle that is not plain tensors and numbers, before Accelerate reads it.
+
+    Accelerate reads the optimizer, RNG and scaler states with weights_only=True (and would silently skip bad
+    RNG states); reading each here first turns a refusal into one line that names the file."""
+    from accelerate.utils import load
+
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix not in (".bin", ".pkl", ".pt"):
+            continue
+        try:
+            load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - unpickling fails in many types; the user needs one line
+            reason = str(err).strip().splitlines()[-1][:160] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{path}: refused to resume from it: not a plain tensor state, unpickling it could run "
+                             f"code ({reason}); delete {checkpoint} to resume from an earlier checkpoint") from None
+
+
+def _scheduler_state(checkpoint: Path) -> dict[str, Any]:
+    """The lr scheduler's state: scheduler.json; checkpoints made before it existed hold a tensor pickle."""
+    path = checkpoint / SCHEDULER_NAME
+    if path.is_file():
+        return json.loads(path.read_text())
+    legacy = checkpoint / "custom_checkpoint_0.pkl"
+    if not legacy.is_file():
+        raise ValueError(f"{checkpoint}: no {SCHEDULER_NAME}; delete it to resume from an earlier checkpoint")
+    return torch.load(legacy, map_location="cpu", weights_only=True)  # checked by _check_pickles
 
 
 def _check_same_recipe(path: Path, cfg: CleanConfig) -> None:
@@ -448,8 +482,8 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int) -> None:
-    """accelerate save_state into checkpoints/checkpoint-{step}, written under a temporary name first."""
+def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int, scheduler: LambdaLR) -> None:
+    """accelerate save_state (and scheduler.json) into checkpoints/checkpoint-{step}, under a temporary name first."""
     final = out / CHECKPOINTS / f"checkpoint-{step}"
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process and partial.exists():
@@ -458,6 +492,7 @@ def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int) 
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (partial / SCHEDULER_NAME).write_text(json.dumps(scheduler.state_dict()) + "\n")
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)

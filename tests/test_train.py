@@ -266,3 +266,45 @@ def test_a_training_checkpoint_is_evaluated_and_cleaned_with_its_architecture_na
     result = clean(replace(CFG, steps=1), checkpoint, shards, tmp_path / "again", architecture="tiny-test",
                    progress=False)
     assert result["finished"] and load_model(weights=tmp_path / "again").architecture == "tiny-test"
+
+
+class PlantedPayload:
+    """Unpickling this creates `path`: the sentinel of code run from a checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture(scope="module")
+def stopped_run(shards: str, model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CFG run stopped (checkpointed) after 2 steps, to copy and tamper with."""
+    out = tmp_path_factory.mktemp("stopped")
+    clean(CFG, model_path, shards, out, stop_after=2, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+@pytest.mark.parametrize("name", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"])
+def test_resume_runs_no_code_planted_in_a_checkpoint(stopped_run: Path, shards: str, model_path: Path,
+                                                     tmp_path: Path, name: str, writer: str) -> None:
+    import pickle
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(stopped_run, out)
+    sentinel = tmp_path / "payload-ran"
+    state = {"state": {}, "param_groups": [], "payload": PlantedPayload(sentinel)}
+    target = out / "checkpoints" / "checkpoint-2" / name
+    if writer == "torch.save":
+        torch.save(state, target)
+    else:
+        target.write_bytes(pickle.dumps(state))
+    try:
+        clean(CFG, model_path, shards, out, progress=False)  # resumes without the file, or refuses it
+    except ValueError as err:
+        assert name in str(err) and "\n" not in str(err)
+    finally:
+        assert not sentinel.exists(), f"resume ran code planted in {name}"
