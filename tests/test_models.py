@@ -30,20 +30,35 @@ def test_fp16_storage_halves_size_and_loads_to_fp32(tmp_path):
     assert torch.allclose(weight, loaded.model.visual.conv1.weight, atol=1e-3)
 
 
-def test_plain_tensor_pickle_loads_but_code_pickle_is_refused(tmp_path):
+class PlantedPayload:
+    """Unpickling this creates `path`: the sentinel of code run from a checkpoint."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_plain_tensor_pickle_loads(tmp_path):
     loaded = create_model("tiny-test", seed=0)
     plain = tmp_path / "plain.pt"
     torch.save({"state_dict": {"module." + k: v for k, v in loaded.model.state_dict().items()}}, plain)
     assert load_model("tiny-test", weights=plain).architecture == "tiny-test"
 
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
 
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_code_in_a_pickled_checkpoint_is_refused_and_never_runs(tmp_path, writer):
+    sentinel = tmp_path / "payload-ran"
+    state = {"state_dict": {"visual.proj": PlantedPayload(sentinel)}}
     evil = tmp_path / "evil.pt"
-    evil.write_bytes(pickle.dumps({"state_dict": Evil()}))
+    if writer == "torch.save":
+        torch.save(state, evil)
+    else:
+        evil.write_bytes(pickle.dumps(state))
     with pytest.raises(ValueError, match="refused to load"):
         load_model("tiny-test", weights=evil)
+    assert not sentinel.exists()
 
 
 def test_missing_and_damaged_checkpoints_give_clear_errors(tmp_path):
