@@ -45,7 +45,8 @@ def architecture_config(architecture: str) -> dict[str, Any]:
     register_configs()
     config = open_clip.get_model_config(architecture)
     if config is None:
-        raise ValueError(f"unknown open_clip architecture {architecture!r} (see open_clip.list_models())")
+        raise ValueError(f"unknown open_clip architecture {architecture!r} (see open_clip.list_models()); pass "
+                         "--architecture")
     return config
 
 
@@ -99,13 +100,41 @@ def _load_local(path: Path, architecture: str | None) -> LoadedModel:
     if architecture is None:
         raise ValueError(f"{path}: checkpoint does not name its architecture; pass --architecture")
     if "architecture_config" in metadata:
-        _register_embedded(architecture, json.loads(metadata["architecture_config"]))
-    loaded = create_model(architecture)
-    missing, unexpected = loaded.model.load_state_dict(state, strict=False)
+        _register_embedded(architecture, _embedded_config(path, architecture, metadata["architecture_config"]))
+    loaded = _create_for(path, architecture)
+    try:
+        missing, unexpected = loaded.model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor of another shape: the first mismatch is enough to name
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise ValueError(f"{path}: weights do not match architecture {architecture} ({detail[:200]})") from None
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match architecture {architecture} "
                          f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
     return loaded
+
+
+def _embedded_config(path: Path, architecture: str, text: str) -> dict[str, Any]:
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"{path}: the architecture_config of {architecture!r} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: the architecture_config of {architecture!r} is not a JSON object")
+    return config
+
+
+def _create_for(path: Path, architecture: str) -> LoadedModel:
+    """The model a checkpoint names; an architecture open_clip cannot build is the checkpoint's error."""
+    try:
+        architecture_config(architecture)  # unknown names: one line, without open_clip's list of every model
+    except ValueError as err:
+        raise ValueError(f"{path}: names {err}") from None
+    try:
+        return create_model(architecture)
+    except Exception as err:  # noqa: BLE001 - a bad embedded config fails inside open_clip in many types
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise ValueError(f"{path}: cannot build architecture {architecture!r} from its metadata "
+                         f"({type(err).__name__}: {reason}); pass --architecture") from None
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

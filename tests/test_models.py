@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
@@ -74,3 +75,20 @@ def test_weights_of_another_architecture_are_rejected(tmp_path):
     path = save_model(create_model("tiny-test", seed=0), tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="do not match"):
         load_model("toy-vit-32", weights=path)
+
+
+@pytest.mark.parametrize("metadata", [{"architecture": "toy-vit-32"}, {"architecture": "no-such-arch"},
+                                      {"architecture": "weird-x", "architecture_config": json.dumps({"embed_dim": 8})},
+                                      {"architecture": "weird-y", "architecture_config": "{not json"}],
+                         ids=["wrong-architecture", "unknown-architecture", "bad-config", "config-not-json"])
+def test_a_checkpoint_naming_the_wrong_architecture_fails_in_one_line(tmp_path, capsys, metadata):
+    from safetensors.torch import save_file
+
+    from flows.cli import main
+
+    state = create_model("tiny-test", seed=0).model.state_dict()
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    assert main(["evaluate", "--model", str(path), "--set", "count=8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(path) in err and metadata["architecture"] in err
