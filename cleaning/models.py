@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +25,9 @@ from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "model_configs"
+# huggingface_hub retries an unreachable hub for about a minute per file; a TCP connection decides in seconds.
+HUB_PROBE_SECONDS = 3.0
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 @dataclass
@@ -75,11 +82,44 @@ def load_model(architecture: str | None = None, *, weights: str | Path | None = 
         raise ValueError("load_model needs weights=PATH, or architecture and pretrained tag")
     register_configs()
     try:
-        model = open_clip.create_model(architecture, pretrained=pretrained)
+        with _offline_unless_hub_reachable():
+            model = open_clip.create_model(architecture, pretrained=pretrained)
     except Exception as err:  # noqa: BLE001 - hub failures come in many types; the user needs one line
-        raise ValueError(f"cannot load {architecture} pretrained={pretrained!r}: {err}. Offline? Pass a local "
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load {architecture} pretrained={pretrained!r}: {reason}. Offline? Pass a local "
                          "checkpoint with --model PATH instead") from None
     return _wrap(model, architecture)
+
+
+@contextmanager
+def _offline_unless_hub_reachable() -> Iterator[None]:
+    """huggingface_hub in offline mode (cached files only, no retries) when the hub does not answer."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or _hub_reachable(constants.ENDPOINT):
+        yield
+        return
+    log.warning("%s does not answer: using only the local hub cache", constants.ENDPOINT)
+    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def _hub_reachable(endpoint: str) -> bool:
+    """A TCP connection to the hub within HUB_PROBE_SECONDS (behind a proxy: assumed, the proxy decides)."""
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return True
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError:
+        return False
+    return True
 
 
 def _load_local(path: Path, architecture: str | None) -> LoadedModel:

@@ -92,3 +92,18 @@ def test_a_checkpoint_naming_the_wrong_architecture_fails_in_one_line(tmp_path, 
     assert main(["evaluate", "--model", str(path), "--set", "count=8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(path) in err and metadata["architecture"] in err
+
+
+def test_a_pretrained_tag_with_the_hub_unreachable_fails_in_seconds(tmp_path, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="cannot load ViT-B-32 pretrained='laion2b_s34b_b79k'.*--model PATH"):
+        load_model("ViT-B-32", pretrained="laion2b_s34b_b79k")
+    assert time.perf_counter() - start < 10
