@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     command = getattr(importlib.import_module(module_name), run_name)
     try:
         return int(command(args) or 0)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, OSError, FloatingPointError) as err:  # FloatingPointError: a NaN loss (train.NonFiniteLoss)
         # One clear line for people; the traceback only with --verbose.
         if args.verbose:
             raise
