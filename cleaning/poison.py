@@ -15,6 +15,7 @@ import torch
 
 from cleaning.attacks import Trigger, apply_trigger, poison_indices, target_captions
 from generation.shards import Sample, ShardRecord, iter_samples, read_manifest, write_manifest, write_shard
+from parclean.outputs import output_lock
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,12 @@ def poison_shards(source: str, out_dir: str | Path, trigger: Trigger, *, rate: f
     manifest = read_manifest(source)
     if Path(out_dir).resolve() == Path(str(source)).resolve():
         raise ValueError(f"{out_dir}: poisoned shards must go to a new folder, not over their source")
+    with output_lock(out_dir, f"parclean poison --out {out_dir}"):
+        return _poison_shards(source, out_dir, manifest, trigger, rate, target, seed)
+
+
+def _poison_shards(source: str, out_dir: Path, manifest: dict, trigger: Trigger, rate: float, target: str,
+                   seed: int) -> dict:
     total = int(manifest["total_samples"])
     chosen = set(poison_indices(total, rate, seed).tolist())
     captions = iter(target_captions(target, len(chosen), seed))

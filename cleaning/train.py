@@ -46,6 +46,7 @@ from cleaning.losses import (
 )
 from cleaning.models import LoadedModel, load_model, save_model
 from parclean.config import to_dict, write_resolved
+from parclean.outputs import output_lock
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,16 @@ def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path 
     had been interrupted there.
     Returns steps, seconds, samples/s and the final loss terms.
     """
-    out = Path(out_dir)
+    from accelerate import PartialState
+
+    # One process locks --out for the run: the main one (the others write only through Accelerate's barriers).
+    main = PartialState().is_main_process
+    with output_lock(out_dir, f"parclean clean --out {out_dir}") if main else nullcontext():
+        return _clean(cfg, model, shards, Path(out_dir), pretrained, architecture, stop_after, progress)
+
+
+def _clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path | None, out: Path,
+           pretrained: str | None, architecture: str | None, stop_after: int | None, progress: bool) -> dict[str, Any]:
     shards = str(shards or cfg.data.shards or "")
     if not shards:
         raise ValueError("no shard set: pass --shards DIR (or set data.shards in the config)")

@@ -8,6 +8,8 @@ rejected and the stage configs check their own values.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from cleaning.report import EvalConfig
 from cleaning.train import CleanConfig
 from generation.config import GenerateConfig
 from parclean.config import ConfigError, from_dict, load_config, to_dict
+from parclean.outputs import output_lock
 
 RUNNERS = ("local", "dask")
 LAUNCHERS = ("in-process", "accelerate")
@@ -133,3 +136,19 @@ def _set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
             raise ConfigError(f"override {'.'.join(keys)}: {key} is not a group of settings")
         data = child
     data[keys[-1]] = value
+
+
+@contextmanager
+def pipeline_outputs_locked(cfg: PipelineConfig, command: str) -> Iterator[None]:
+    """Hold the locks of the run's `out` and of its shard set's cache folder for the block.
+
+    Not held: `out` with out_per_run (each run gets a new folder), and the shard folder while generate.model is a
+    tiny SD still to be built (its key depends on the weights built)."""
+    from flows.pipeline import shard_set_folder  # imports Prefect
+
+    with ExitStack() as stack:
+        if not cfg.out_per_run:
+            stack.enter_context(output_lock(cfg.out, command))
+        if cfg.tiny_sd is None or Path(cfg.generate.model).is_dir():
+            stack.enter_context(output_lock(shard_set_folder(cfg.generate, cfg.shard_cache), command))
+        yield

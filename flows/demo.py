@@ -40,9 +40,11 @@ def run(args: argparse.Namespace) -> int:
 
     prepare_logging()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry attempts
+    from flows.config import pipeline_outputs_locked
     from flows.pipeline import data_free_clean_flow
 
-    report = data_free_clean_flow(args.config, overrides)
+    with pipeline_outputs_locked(cfg, f"parclean demo --out {args.out}"):
+        report = data_free_clean_flow(args.config, overrides)
     print(before_after_table(report))
     print(f"report: {report}")
     return 0

@@ -80,14 +80,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_once(args: argparse.Namespace) -> int:
     """Run data_free_clean once; print the before/after table and the report's path."""
-    from flows.config import load_pipeline_config
+    from flows.config import load_pipeline_config, pipeline_outputs_locked
 
-    load_pipeline_config(args.config, _overrides(args.set))  # a bad config fails here, before Prefect starts
+    cfg = load_pipeline_config(args.config, _overrides(args.set))  # a bad config fails here, before Prefect starts
     prepare_logging()
     from flows.demo import before_after_table
     from flows.pipeline import data_free_clean_flow
 
-    report = data_free_clean_flow(args.config, _overrides(args.set))
+    with pipeline_outputs_locked(cfg, f"parclean run --config {args.config}"):
+        report = data_free_clean_flow(args.config, _overrides(args.set))
     print(before_after_table(report))
     print(f"report: {report}")
     return 0

@@ -42,7 +42,9 @@ def add_tiny_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_tiny(args: argparse.Namespace) -> int:
     from generation.tiny_pipeline import build_tiny_pipeline
+    from parclean.outputs import output_lock
 
-    path = build_tiny_pipeline(args.out, seed=args.seed, sample_size=args.size)
+    with output_lock(args.out, f"parclean tiny-sd --out {args.out}"):
+        path = build_tiny_pipeline(args.out, seed=args.seed, sample_size=args.size)
     print(path)
     return 0

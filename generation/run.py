@@ -26,6 +26,7 @@ from generation.shards import (
     write_shard,
 )
 from parclean.config import to_dict, write_resolved
+from parclean.outputs import output_lock
 from prompts.bank import load_bank
 from prompts.expand import Caption, expand
 
@@ -51,7 +52,11 @@ def shard_plan(cfg: GenerateConfig, captions: list[Caption] | None = None) -> li
 
 def generate_shards(cfg: GenerateConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
     """Generate every shard that is not complete, then the manifest; return a small summary."""
-    out_dir = Path(out_dir)
+    with output_lock(out_dir, f"parclean generate --out {out_dir}"):
+        return _generate_shards(cfg, Path(out_dir), progress)
+
+
+def _generate_shards(cfg: GenerateConfig, out_dir: Path, progress: bool) -> dict:
     check_output_folder(cfg, out_dir)
     plan = shard_plan(cfg)
     todo = [i for i, caps in enumerate(plan) if not shard_is_complete(out_dir, cfg.name, i, len(caps))]
