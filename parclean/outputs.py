@@ -47,6 +47,20 @@ def output_lock(folder: str | os.PathLike, command: str | None = None) -> Iterat
         _release(key)
 
 
+def contents(folder: str | os.PathLike) -> list[str]:
+    """The names in FOLDER, without the lock file (an empty or missing folder: [])."""
+    folder = Path(folder)
+    return sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME) if folder.is_dir() else []
+
+
+def require_empty(folder: str | os.PathLike, why: str) -> None:
+    """ValueError naming FOLDER and what is in it, unless it is empty or missing."""
+    found = contents(folder)
+    if found:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise ValueError(f"{folder}: not empty ({shown}); {why}")
+
+
 def lock_holder(folder: str | os.PathLike) -> str:
     """Who holds (or last held) FOLDER's lock, in words."""
     try:
