@@ -399,6 +399,13 @@ def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def check_resumable(out: str | Path, cfg: CleanConfig) -> None:
+    """ValueError when `out` holds checkpoints of another recipe: what a resume refuses, checked before any work."""
+    out = Path(out)
+    if complete_checkpoints(out) and (out / "config.yaml").is_file():
+        _check_same_recipe(out / "config.yaml", cfg)
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 of a model's weights (names, dtypes and bytes): which model a run started from."""
     digest = hashlib.sha256()
@@ -415,8 +422,7 @@ def _start_or_resume(accelerator: Accelerator, out: Path, cfg: CleanConfig, star
     Checkpoints are resumed only by the recipe and the starting weights that made them."""
     config_path, start_path = out / "config.yaml", out / START_NAME
     found = complete_checkpoints(out)
-    if found and config_path.is_file():
-        _check_same_recipe(config_path, cfg)
+    check_resumable(out, cfg)
     if found and start_path.is_file():
         before = json.loads(start_path.read_text()).get("weights_sha256")
         if before != starting_weights:

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from cleaning.report import EvalConfig
-from cleaning.train import CleanConfig
+from cleaning.train import CleanConfig, check_resumable
 from generation.config import GenerateConfig
 from parclean.config import ConfigError, from_dict, load_config, to_dict
-from parclean.outputs import output_lock
+from parclean.outputs import claim_folder, output_lock
 
 RUNNERS = ("local", "dask")
 LAUNCHERS = ("in-process", "accelerate")
@@ -139,8 +139,9 @@ def _set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
 
 
 @contextmanager
-def pipeline_outputs_locked(cfg: PipelineConfig, command: str) -> Iterator[None]:
-    """Hold the locks of the run's `out` and of its shard set's cache folder for the block.
+def pipeline_outputs_locked(cfg: PipelineConfig, command: str, overwrite: bool = False) -> Iterator[None]:
+    """Hold the locks of the run's `out` and of its shard set's cache folder for the block, after checking that
+    neither holds another kind of output, and that `out` holds no checkpoints of another cleaning recipe.
 
     Not held: `out` with out_per_run (each run gets a new folder), and the shard folder while generate.model is a
     tiny SD still to be built (its key depends on the weights built)."""
@@ -149,6 +150,9 @@ def pipeline_outputs_locked(cfg: PipelineConfig, command: str) -> Iterator[None]
     with ExitStack() as stack:
         if not cfg.out_per_run:
             stack.enter_context(output_lock(cfg.out, command))
+            claim_folder(cfg.out, "pipeline run", overwrite=overwrite)
+            check_resumable(cfg.out, cfg.clean)
         if cfg.tiny_sd is None or Path(cfg.generate.model).is_dir():
-            stack.enter_context(output_lock(shard_set_folder(cfg.generate, cfg.shard_cache), command))
+            shards = stack.enter_context(output_lock(shard_set_folder(cfg.generate, cfg.shard_cache), command))
+            claim_folder(shards, "shard set", overwrite=overwrite)
         yield

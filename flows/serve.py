@@ -76,6 +76,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="pipeline config, e.g. configs/pipeline/demo.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set out=runs/x --set generate.num_samples=500 (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="write into out even if it holds another kind of "
+                        "output")
 
 
 def run_once(args: argparse.Namespace) -> int:
@@ -87,7 +89,7 @@ def run_once(args: argparse.Namespace) -> int:
     from flows.demo import before_after_table
     from flows.pipeline import data_free_clean_flow
 
-    with pipeline_outputs_locked(cfg, f"parclean run --config {args.config}"):
+    with pipeline_outputs_locked(cfg, f"parclean run --config {args.config}", args.overwrite):
         report = data_free_clean_flow(args.config, _overrides(args.set))
     print(before_after_table(report))
     print(f"report: {report}")

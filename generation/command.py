@@ -6,6 +6,7 @@ import argparse
 import json
 
 from parclean.config import parse_override
+from parclean.outputs import claim_folder, output_lock, require_empty
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting (repeatable)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out even if it holds another kind of output")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     cfg = load_generate_config(args.config, overrides)
-    summary = generate_shards(cfg, args.out, progress=not args.no_progress)
+    with output_lock(args.out, f"parclean generate --out {args.out}"):
+        claim_folder(args.out, "shard set", overwrite=args.overwrite)
+        summary = generate_shards(cfg, args.out, progress=not args.no_progress)
     print(json.dumps(summary))
     return 0
 
@@ -38,13 +43,14 @@ def add_tiny_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for the pipeline (diffusers layout)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--size", type=int, default=32, help="image size in pixels (multiple of 16)")
+    parser.add_argument("--overwrite", action="store_true", help="build into --out even if it is not empty")
 
 
 def run_tiny(args: argparse.Namespace) -> int:
     from generation.tiny_pipeline import build_tiny_pipeline
-    from parclean.outputs import output_lock
-
     with output_lock(args.out, f"parclean tiny-sd --out {args.out}"):
+        require_empty(args.out, "build into a new folder, or pass --overwrite to replace what is there",
+                      overwrite=args.overwrite)
         path = build_tiny_pipeline(args.out, seed=args.seed, sample_size=args.size)
     print(path)
     return 0

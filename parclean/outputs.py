@@ -20,6 +20,15 @@ from pathlib import Path
 
 LOCK_NAME = ".parclean.lock"
 HELD_VARIABLE = "PARCLEAN_HELD_LOCKS"
+# The names that show which kind of run made a folder, and the kinds each kind's folder also holds.
+KINDS = {
+    "shard set": ("manifest.json", "sizes.json", "*_stats.json", "*.tar"),
+    "cleaning run": ("start.json", "checkpoints", "train_log.jsonl", "result.json"),
+    "pipeline run": ("pipeline.yaml", "report.json", "report.md"),
+    "diffusers pipeline": ("model_index.json",),
+    "model": ("model.safetensors",),
+}
+HOLDS = {"cleaning run": {"model"}, "pipeline run": {"cleaning run", "model"}}
 
 _held: dict[Path, tuple[int, int]] = {}  # folder -> (lock file descriptor, depth)
 _guard = threading.Lock()
@@ -53,12 +62,34 @@ def contents(folder: str | os.PathLike) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME) if folder.is_dir() else []
 
 
-def require_empty(folder: str | os.PathLike, why: str) -> None:
-    """ValueError naming FOLDER and what is in it, unless it is empty or missing."""
-    found = contents(folder)
+def require_empty(folder: str | os.PathLike, why: str, overwrite: bool = False) -> None:
+    """ValueError naming FOLDER and what is in it, unless it is empty or missing (or overwrite)."""
+    found = [] if overwrite else contents(folder)
     if found:
         shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
         raise ValueError(f"{folder}: not empty ({shown}); {why}")
+
+
+def kinds_in(folder: str | os.PathLike) -> dict[str, str]:
+    """The kinds of run whose output FOLDER holds, each with a name that shows it."""
+    folder = Path(folder)
+    found = {}
+    for kind, patterns in KINDS.items():
+        hits = sorted(name for pattern in patterns for name in (p.name for p in folder.glob(pattern)))
+        if hits:
+            found[kind] = hits[0]
+    return found
+
+
+def claim_folder(folder: str | os.PathLike, kind: str, *, overwrite: bool = False) -> None:
+    """ValueError when FOLDER holds the output of another kind of run than `kind`, unless overwrite."""
+    if overwrite or not Path(folder).is_dir():
+        return
+    allowed = {kind, *HOLDS.get(kind, ())}
+    for other, evidence in kinds_in(folder).items():
+        if other not in allowed:
+            raise ValueError(f"{folder}: holds a {other} ({evidence}), not a {kind}; use another folder, or pass "
+                             "--overwrite to write into it anyway")
 
 
 def lock_holder(folder: str | os.PathLike) -> str:

@@ -120,3 +120,76 @@ def test_a_child_process_shares_its_parents_lock_and_no_one_else_does(tmp_path):
     finally:
         stranger.kill()
         stranger.wait()
+
+
+# ------------------------------------------------------------------------------------------ overwrites
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".parclean.lock"}
+
+
+def test_evaluate_out_never_replaces_a_file_of_another_kind(model_path, tmp_path, capsys):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(model_path.read_bytes())
+    evaluate = ["evaluate", "--model", str(model_path), "--set", "count=8"]
+    assert main([*evaluate, "--out", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(target) in err and "--overwrite" in err
+    assert target.read_bytes() == model_path.read_bytes()
+    result = tmp_path / "result.json"
+    assert main([*evaluate, "--out", str(result)]) == 0
+    assert main([*evaluate, "--out", str(result)]) == 0  # its own kind: a rerun replaces it
+    assert main([*evaluate, "--out", str(target), "--overwrite"]) == 0
+    assert "clean_acc" in target.read_text()
+
+
+def test_tiny_sd_never_replaces_a_pipeline(tmp_path, capsys):
+    out = tmp_path / "sd"
+    out.mkdir()
+    (out / "model_index.json").write_text("{}")
+    (out / "README.md").write_text("a trained pipeline's card")
+    assert main(["tiny-sd", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: not empty" in err and "--overwrite" in err
+    assert snapshot(out) == {"model_index.json": b"{}", "README.md": b"a trained pipeline's card"}
+
+
+@pytest.mark.parametrize("command", ["clean", "generate"])
+def test_a_run_into_another_kind_of_output_is_refused_and_writes_nothing(command, toy_shards, model_path, tmp_path,
+                                                                          capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    if command == "clean":  # clean --out onto a shard set
+        shutil.copytree(toy_shards, out)
+    else:  # generate --out onto a cleaning run
+        out.mkdir()
+        (out / "start.json").write_text('{"weights_sha256": "0"}\n')
+        (out / "config.yaml").write_text("objective: par\n")
+    before = snapshot(out)
+    assert main(commands(toy_shards, model_path, out)[command]) == 2
+    err = capsys.readouterr().err.strip()
+    kind = "shard set" if command == "clean" else "cleaning run"
+    assert err.count("\n") == 0 and f"{out}: holds a {kind}" in err and "--overwrite" in err
+    assert snapshot(out) == before
+
+
+def test_a_refused_pipeline_run_leaves_pipeline_yaml_alone(model_path, tmp_path, capsys):
+    import yaml
+
+    from cleaning.train import CleanConfig
+    from parclean.config import write_resolved
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    write_resolved(CleanConfig(tau=1.0), out / "config.yaml")  # a run of another recipe, stopped at step 1
+    (out / "pipeline.yaml").write_text("the earlier run's\n")
+    settings = {"model": str(model_path), "out": str(out), "shard_cache": str(tmp_path / "cache"),
+                "generate": {"model": str(tmp_path / "sd"), "bank": "toyworld", "num_samples": 4}}
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["run", "--config", str(config)]) == 2
+    assert "tau: 1.0 -> 2.15" in capsys.readouterr().err
+    assert (out / "pipeline.yaml").read_text() == "the earlier run's\n"
