@@ -23,6 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from parclean.outputs import follow_umask
+
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 # huggingface_hub retries an unreachable hub for about a minute per file; a TCP connection decides in seconds.
@@ -221,7 +223,7 @@ def save_model(loaded: LoadedModel, path: str | Path, extra_metadata: dict[str, 
     state = {k: _stored(v, dtype) for k, v in loaded.model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    follow_umask(tmp).replace(path)
     return path
 
 

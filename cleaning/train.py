@@ -46,7 +46,7 @@ from cleaning.losses import (
 )
 from cleaning.models import LoadedModel, load_model, save_model
 from parclean.config import to_dict, write_resolved
-from parclean.outputs import output_lock
+from parclean.outputs import follow_umask, output_lock
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ LOG_NAME = "train_log.jsonl"
 SCHEDULER_NAME = "scheduler.json"  # the lr scheduler's state in a checkpoint (JSON: nothing to unpickle)
 START_NAME = "start.json"  # the starting weights' digest, checked before a resume
 # Settings a rerun may change and still resume; any other change needs a new --out.
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "threads", "data.num_workers", "data.on_error"}
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "threads", "data.num_workers", "data.on_error",
+                     "data.verify"}
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ class DataConfig:
 
     shards: str | None = None  # shard set folder or URL; --shards overrides
     num_workers: int = 0
-    on_error: str = "fail"  # fail | skip: damaged shards or samples
+    on_error: str = "fail"  # fail | skip: damaged shards or samples (and shards whose sha256 is not the manifest's)
+    verify: bool = True  # check every shard's sha256 against the manifest before training (reads the set once)
     shuffle_buffer: int = 2000
 
 
@@ -212,6 +214,7 @@ def _clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path
 
     start = _start_or_resume(accelerator, out, cfg, starting_weights, scheduler)
     end = max(start, min(cfg.steps, stop_after if stop_after is not None else cfg.steps))
+    failing = _check_shards(accelerator, shards, cfg.data) if start < end and cfg.data.verify else 0
     main = accelerator.is_main_process
     if main:
         log.info("%s on %d process(es), %s: steps %d..%d of %d, batch %d (%d per process, %d micro-batches)",
@@ -257,10 +260,12 @@ def _clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path
             if done % cfg.checkpoint_every == 0 or done == end:
                 _save_checkpoint(accelerator, out, done, cfg.keep_checkpoints, scheduler)
     seconds = time.perf_counter() - began
+    data_errors = _data_errors(accelerator, getattr(stream, "stats", None), failing)
 
     result = {"objective": cfg.objective, "steps": end, "steps_run": end - start, "resumed_from": start,
               "seconds": round(seconds, 3), "samples_per_s": round((end - start) * cfg.batch_size / seconds, 2)
-              if end > start else None, "processes": world, "final": terms, "finished": end == cfg.steps}
+              if end > start else None, "processes": world, "final": terms, "finished": end == cfg.steps,
+              "data_errors": data_errors}
     if main and end == cfg.steps:
         trained = LoadedModel(accelerator.unwrap_model(net), loaded.architecture, loaded.tokenizer,
                               loaded.image_size, loaded.mean, loaded.std)
@@ -316,6 +321,38 @@ def _batches(cfg: CleanConfig, shards: str, loaded: LoadedModel, start: int, end
     return batches(shards, image_size=loaded.image_size, tokenizer=loaded.tokenizer,
                    global_batch_size=cfg.batch_size, seed=cfg.seed, start_step=start, rank=rank, world_size=world,
                    num_workers=data.num_workers, on_error=data.on_error, shuffle_buffer=data.shuffle_buffer)
+
+
+def _check_shards(accelerator: Accelerator, shards: str, data: DataConfig) -> int:
+    """Shards whose size or sha256 is not the manifest's (the main process reads them, the others are told):
+    with on_error=fail, a ShardError naming the first; with skip, a warning each, and their count."""
+    from accelerate.utils import broadcast_object_list
+
+    from generation.shards import ShardError, read_manifest, verify_shards
+
+    found: list[list[str] | None] = [None]
+    if accelerator.is_main_process:
+        listed = {shard["filename"] for shard in read_manifest(shards)["shards"]}
+        found = [[p for p in verify_shards(shards) if p.split(":")[0] in listed]]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(found)
+    problems = found[0] or []
+    if problems and data.on_error == "fail":
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ShardError(f"{shards}: {problems[0]}{more}: the set changed after its manifest was written; regenerate "
+                         "it, or set data.on_error=skip to train on it anyway")
+    for problem in problems:
+        log.warning("%s: %s; training on it anyway (data.on_error=skip)", shards, problem)
+    return len({p.split(":")[0] for p in problems})
+
+
+def _data_errors(accelerator: Accelerator, stats: Any, failing: int) -> dict[str, int]:
+    """What on_error=skip let through in this run (since the step it resumed from), for result.json."""
+    replaced = torch.tensor(getattr(stats, "samples_replaced", 0), device=accelerator.device)
+    # Every process reads the whole raw stream (same shard and sample losses) but decodes only its slice.
+    return {"shards_failing_sha256": failing, "damaged_shards": getattr(stats, "damaged_shards", 0),
+            "samples_skipped": getattr(stats, "samples_skipped", 0),
+            "samples_replaced": int(accelerator.reduce(replaced, reduction="sum"))}
 
 
 # ------------------------------------------------------------------------------------------------ one step
@@ -509,6 +546,7 @@ def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int, 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (partial / SCHEDULER_NAME).write_text(json.dumps(scheduler.state_dict()) + "\n")
+        follow_umask(partial)
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)

@@ -12,6 +12,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "generate": ("generation.command", "add_arguments", "run",
                  "generate caption-image WebDataset shards with a diffusers pipeline"),
+    "verify": ("generation.command", "add_verify_arguments", "run_verify",
+               "check a shard set against its manifest: every shard's size and sha256 (--deep: every sample)"),
     "tiny-sd": ("generation.command", "add_tiny_arguments", "run_tiny",
                 "build a tiny random Stable Diffusion pipeline (tests, CPU smoke runs)"),
     "evaluate": ("cleaning.evaluate_command", "add_arguments", "run",

@@ -54,3 +54,24 @@ def run_tiny(args: argparse.Namespace) -> int:
         path = build_tiny_pipeline(args.out, seed=args.seed, sample_size=args.size)
     print(path)
     return 0
+
+
+def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("shards", help="shard set folder or fsspec URL (holding manifest.json)")
+    parser.add_argument("--deep", action="store_true", help="also read every tar: sample counts, parts, unique keys")
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """One line per problem and exit 1, or one line saying all is well and exit 0."""
+    from generation.shards import read_manifest, verify_shards
+
+    manifest = read_manifest(args.shards)
+    problems = verify_shards(args.shards, deep=args.deep)
+    for problem in problems:
+        print(f"{args.shards}: {problem}")
+    if problems:
+        print(f"{args.shards}: {len(problems)} problem{'s' if len(problems) > 1 else ''}")
+        return 1
+    print(f"{args.shards}: {manifest['num_shards']} shards, {manifest['total_samples']} samples: every shard matches "
+          "the manifest")
+    return 0

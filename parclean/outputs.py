@@ -92,6 +92,30 @@ def claim_folder(folder: str | os.PathLike, kind: str, *, overwrite: bool = Fals
                              "--overwrite to write into it anyway")
 
 
+def follow_umask(path: str | os.PathLike) -> Path:
+    """Give a file (or every file under a folder) the mode the user's umask asks for.
+
+    safetensors (and so Accelerate and diffusers) create files 0600, unreadable to others on shared storage."""
+    path = Path(path)
+    mode = 0o666 & ~_umask()
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        os.chmod(file, mode)
+    return path
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for a moment, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def lock_holder(folder: str | os.PathLike) -> str:
     """Who holds (or last held) FOLDER's lock, in words."""
     try:

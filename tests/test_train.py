@@ -308,3 +308,59 @@ def test_resume_runs_no_code_planted_in_a_checkpoint(stopped_run: Path, shards: 
         assert name in str(err) and "\n" not in str(err)
     finally:
         assert not sentinel.exists(), f"resume ran code planted in {name}"
+
+
+def flip_caption_byte(tar: Path) -> None:
+    """Change one letter of the first caption in `tar`: the tar still reads, its sha256 no longer matches."""
+    import tarfile
+
+    with tarfile.open(tar) as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith(".txt"))
+    data = bytearray(tar.read_bytes())
+    data[member.offset_data] = ord("A") if data[member.offset_data] != ord("A") else ord("B")
+    tar.write_bytes(bytes(data))
+
+
+def test_clean_checks_every_shard_against_the_manifest(shards: str, model_path: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    tar = sorted(copy.glob("*.tar"))[1]
+    flip_caption_byte(tar)
+    with pytest.raises(ValueError, match=f"{tar.name}: sha256 .* differs from the manifest's"):
+        clean(replace(CFG, steps=1), model_path, copy, tmp_path / "fail", progress=False)
+    assert not (tmp_path / "fail" / "checkpoints").exists()
+    skip = replace(CFG, steps=1, data=replace(CFG.data, on_error="skip"))
+    result = clean(skip, model_path, copy, tmp_path / "skip", progress=False)
+    assert result["data_errors"]["shards_failing_sha256"] == 1
+    assert json.loads((tmp_path / "skip" / "result.json").read_text())["data_errors"] == result["data_errors"]
+
+
+def test_skip_counts_go_into_result_json_and_the_report(shards: str, model_path: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from cleaning.report import Report
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    tar = sorted(copy.glob("*.tar"))[0]
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # the rest of this shard is lost
+    skip = replace(CFG, steps=2, data=replace(CFG.data, on_error="skip"))
+    result = clean(skip, model_path, copy, tmp_path / "out", progress=False)
+    errors = result["data_errors"]
+    assert errors["damaged_shards"] >= 1 and errors["samples_skipped"] > 0 and errors["shards_failing_sha256"] == 1
+    numbers = {"clean_acc": 50.0, "asr": {}, "eval_images": 10, "chance_acc": 10.0}
+    Report(before=numbers, after=numbers).write(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["data_errors"] == errors
+    assert f"samples skipped: {errors['samples_skipped']}" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_every_file_written_follows_the_umask(baseline: dict) -> None:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    out = baseline["out"]
+    files = [out / "model.safetensors", *sorted((out / "checkpoints").rglob("*.*"))]
+    assert len(files) > 3
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
