@@ -364,3 +364,23 @@ def test_every_file_written_follows_the_umask(baseline: dict) -> None:
     assert len(files) > 3
     for path in files:
         assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+
+
+def test_weight_decay_reaches_matrices_only(shards: str, model_path: Path, tmp_path: Path) -> None:
+    # One step from the same weights: the same gradients, so only the decay can make the two runs differ.
+    for decay in (0.0, 100.0):
+        clean(replace(CFG, steps=1, weight_decay=decay), model_path, shards, tmp_path / str(decay), progress=False)
+    plain, decayed = (load_file(tmp_path / name / "model.safetensors") for name in ("0.0", "100.0"))
+    vectors = [name for name, tensor in plain.items() if tensor.ndim < 2 and name != "logit_scale"]
+    matrices = [name for name, tensor in plain.items() if tensor.ndim >= 2]
+    assert len(vectors) > 10 and all(torch.equal(plain[name], decayed[name]) for name in vectors)
+    assert all(not torch.equal(plain[name], decayed[name]) for name in matrices)
+
+
+def test_the_trainer_caps_the_perturbation_at_the_configs_tau(baseline: dict, shards: str, model_path: Path,
+                                                                tmp_path: Path) -> None:
+    below = read_log(baseline["out"])[1]  # tau 2.15: both distances below it, both count
+    assert below["pert"] == pytest.approx(0.5 * (below["d_img"] + below["d_txt"]), rel=1e-5) and below["pert"] > 0
+    clean(replace(CFG, steps=2, tau=1e-9), model_path, shards, tmp_path, progress=False)
+    above = read_log(tmp_path)[1]  # tau 1e-9: both distances above it, neither counts
+    assert above["d_img"] > 1e-6 and above["d_txt"] > 1e-6 and above["pert"] == 0
