@@ -131,7 +131,6 @@ def test_gradient_accumulation_gives_the_full_batch_update(baseline: dict, shard
     assert read_log(tmp_path)[-1]["clip"] == pytest.approx(read_log(baseline["out"])[-1]["clip"], rel=1e-5)
 
 
-@pytest.mark.slow
 def test_two_processes_give_the_weights_of_one(baseline: dict, shards: str, model_path: Path,
                                                tmp_path: Path) -> None:
     config = tmp_path / "cfg.yaml"
