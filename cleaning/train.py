@@ -176,7 +176,8 @@ def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path 
     from accelerate import PartialState
 
     # One process locks --out for the run: the main one (the others write only through Accelerate's barriers).
-    main = PartialState().is_main_process
+    # The process state is set up here as the Accelerator below asks for it (on the CPU when there is no GPU).
+    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     with output_lock(out_dir, f"parclean clean --out {out_dir}") if main else nullcontext():
         return _clean(cfg, model, shards, Path(out_dir), pretrained, architecture, stop_after, progress)
 
