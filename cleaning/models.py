@@ -87,7 +87,7 @@ def load_model(architecture: str | None = None, *, weights: str | Path | None = 
         with _offline_unless_hub_reachable():
             model = open_clip.create_model(architecture, pretrained=pretrained)
     except Exception as err:  # noqa: BLE001 - hub failures come in many types; the user needs one line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot load {architecture} pretrained={pretrained!r}: {reason}. Offline? Pass a local "
                          "checkpoint with --model PATH instead") from None
     return _wrap(model, architecture)
@@ -103,10 +103,14 @@ def _offline_unless_hub_reachable() -> Iterator[None]:
         return
     log.warning("%s does not answer: using only the local hub cache", constants.ENDPOINT)
     previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    # open_clip logs its own error before raising it; the caller's one line says it already.
+    disabled = logging.root.manager.disable
+    logging.disable(logging.ERROR)
     try:
         yield
     finally:
         constants.HF_HUB_OFFLINE = previous
+        logging.disable(disabled)
 
 
 def _hub_reachable(endpoint: str) -> bool:

@@ -107,3 +107,22 @@ def test_a_pretrained_tag_with_the_hub_unreachable_fails_in_seconds(tmp_path, mo
     with pytest.raises(ValueError, match="cannot load ViT-B-32 pretrained='laion2b_s34b_b79k'.*--model PATH"):
         load_model("ViT-B-32", pretrained="laion2b_s34b_b79k")
     assert time.perf_counter() - start < 10
+
+
+def test_evaluate_with_the_hub_unreachable_says_so_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hub-cache"),
+               PYTHONPATH=str(Path(__file__).parents[1]))
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", "--model", "ViT-B-32", "--pretrained",
+                           "laion2b_s34b_b79k"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and time.perf_counter() - start < 30
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("parclean evaluate: error: cannot load ViT-B-32"), done.stderr
+    assert ".. " not in errors[0]
