@@ -118,7 +118,7 @@ class Report:
                   f"{self.after.get('chance_acc', 0):.1f}%. ASR counts triggered images whose true class is not "
                   "the target.", "", "## Settings", ""]
         lines += [f"- {key}: `{value}`" for key, value in self.settings.items()]
-        if self.data_errors:
+        if self.data_errors and any(self.data_errors.values()):
             lines += ["", "## Damaged data (data.on_error: skip)", ""]
             lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in self.data_errors.items()]
         if self.timings:

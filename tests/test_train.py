@@ -353,6 +353,10 @@ def test_skip_counts_go_into_result_json_and_the_report(shards: str, model_path:
     Report(before=numbers, after=numbers).write(tmp_path / "out")
     assert json.loads((tmp_path / "out" / "report.json").read_text())["data_errors"] == errors
     assert f"samples skipped: {errors['samples_skipped']}" in (tmp_path / "out" / "report.md").read_text()
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "whole" / "result.json").write_text(json.dumps({"data_errors": dict.fromkeys(errors, 0)}))
+    Report(before=numbers, after=numbers).write(tmp_path / "whole")
+    assert "Damaged data" not in (tmp_path / "whole" / "report.md").read_text()
 
 
 def test_every_file_written_follows_the_umask(baseline: dict) -> None:
