@@ -477,8 +477,11 @@ def _start_or_resume(accelerator: Accelerator, out: Path, cfg: CleanConfig, star
         return 0
     step, path = found[-1]
     _check_pickles(path)
+    if accelerator.is_main_process:
+        _upgrade_legacy_checkpoint(path)
+    accelerator.wait_for_everyone()
     accelerator.load_state(str(path))
-    scheduler.load_state_dict(_scheduler_state(path))
+    scheduler.load_state_dict(json.loads((path / SCHEDULER_NAME).read_text()))
     if accelerator.is_main_process:
         log.info("resumed from %s (step %d)", path, step)
         _truncate_log(out / LOG_NAME, step)
@@ -503,15 +506,25 @@ def _check_pickles(checkpoint: Path) -> None:
                              f"code ({reason}); delete {checkpoint} to resume from an earlier checkpoint") from None
 
 
-def _scheduler_state(checkpoint: Path) -> dict[str, Any]:
-    """The lr scheduler's state: scheduler.json; checkpoints made before it existed hold a tensor pickle."""
-    path = checkpoint / SCHEDULER_NAME
-    if path.is_file():
-        return json.loads(path.read_text())
+def _upgrade_legacy_checkpoint(checkpoint: Path) -> None:
+    """A checkpoint from before scheduler.json: its scheduler pickle (checked tensor-free) becomes scheduler.json.
+
+    Accelerate would read any custom_checkpoint_*.pkl with weights_only=False, so none is left in place."""
     legacy = checkpoint / "custom_checkpoint_0.pkl"
-    if not legacy.is_file():
+    others = sorted(p.name for p in checkpoint.glob("custom_checkpoint_*") if p != legacy)
+    if others:
+        raise ValueError(f"{checkpoint / others[0]}: not written by parclean; delete it, or delete {checkpoint} to "
+                         "resume from an earlier checkpoint")
+    target = checkpoint / SCHEDULER_NAME
+    if legacy.is_file() and not target.is_file():
+        state = torch.load(legacy, map_location="cpu", weights_only=True)  # checked by _check_pickles
+        try:
+            target.write_text(json.dumps(state) + "\n")
+        except TypeError as err:
+            raise ValueError(f"{legacy}: not an lr scheduler's state ({err})") from None
+    if not target.is_file():
         raise ValueError(f"{checkpoint}: no {SCHEDULER_NAME}; delete it to resume from an earlier checkpoint")
-    return torch.load(legacy, map_location="cpu", weights_only=True)  # checked by _check_pickles
+    legacy.unlink(missing_ok=True)
 
 
 def _check_same_recipe(path: Path, cfg: CleanConfig) -> None:

@@ -387,3 +387,17 @@ def test_the_trainer_caps_the_perturbation_at_the_configs_tau(baseline: dict, sh
     clean(replace(CFG, steps=2, tau=1e-9), model_path, shards, tmp_path, progress=False)
     above = read_log(tmp_path)[1]  # tau 1e-9: both distances above it, neither counts
     assert above["d_img"] > 1e-6 and above["d_txt"] > 1e-6 and above["pert"] == 0
+
+
+def test_a_checkpoint_from_before_scheduler_json_still_resumes(baseline: dict, stopped_run: Path, shards: str,
+                                                                model_path: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(stopped_run, out)
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    state = json.loads((checkpoint / "scheduler.json").read_text())
+    (checkpoint / "scheduler.json").unlink()
+    torch.save(state, checkpoint / "custom_checkpoint_0.pkl")  # where Accelerate kept it (register_for_checkpointing)
+    assert clean(CFG, model_path, shards, out, progress=False)["resumed_from"] == 2
+    assert_same_weights(load_file(out / "model.safetensors"), baseline["weights"], atol=1e-6)
