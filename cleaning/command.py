@@ -13,6 +13,7 @@ import json
 import logging
 
 from parclean.config import load_config, parse_override
+from parclean.outputs import claim_folder
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a setting, e.g. --set tau=1.0 (repeatable; dotted keys: data.num_workers=4)")
     parser.add_argument("--stop-after", type=int, help="stop (checkpointed) after this many steps; rerun to go on")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out even if it holds another kind of output")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = dict(parse_override(text) for text in args.set)
     cfg = load_config(CleanConfig, args.config, overrides)
+    claim_folder(args.out, "cleaning run", overwrite=args.overwrite)
     try:
         result = clean(cfg, args.model, args.shards, args.out, pretrained=args.pretrained,
                        architecture=args.architecture, stop_after=args.stop_after, progress=not args.no_progress)

@@ -18,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval", dest="eval_config", default=None, help="evaluation config YAML (configs/eval/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an eval setting")
     parser.add_argument("--out", type=Path, help="also write the result JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an evaluate result")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
     from cleaning.report import EvalConfig, measure
 
     cfg = load_config(EvalConfig, args.eval_config, dict(parse_override(s) for s in args.set))
+    if args.out:
+        check_result_file(args.out, args.overwrite)
     if args.pretrained:
         loaded = load_model(args.model, pretrained=args.pretrained)
     else:
@@ -35,6 +38,21 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         args.out.write_text(text + "\n")
     return 0
+
+
+def check_result_file(path: Path, overwrite: bool) -> None:
+    """Refuse to replace a file that is not an earlier evaluate result (a model, a config), unless overwrite."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; --out names the result's JSON file")
+    if overwrite or not path.exists():
+        return
+    try:
+        earlier = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        earlier = None
+    if not (isinstance(earlier, dict) and "clean_acc" in earlier and "asr" in earlier):
+        raise ValueError(f"{path}: exists and is not an evaluate result; use another --out, or pass --overwrite to "
+                         "replace it")
 
 
 def add_poison_arguments(parser: argparse.ArgumentParser) -> None:

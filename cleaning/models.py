@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,8 +23,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from parclean.outputs import follow_umask
+
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "model_configs"
+# huggingface_hub retries an unreachable hub for about a minute per file; a TCP connection decides in seconds.
+HUB_PROBE_SECONDS = 3.0
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 @dataclass
@@ -45,7 +54,8 @@ def architecture_config(architecture: str) -> dict[str, Any]:
     register_configs()
     config = open_clip.get_model_config(architecture)
     if config is None:
-        raise ValueError(f"unknown open_clip architecture {architecture!r} (see open_clip.list_models())")
+        raise ValueError(f"unknown open_clip architecture {architecture!r} (see open_clip.list_models()); pass "
+                         "--architecture")
     return config
 
 
@@ -74,11 +84,48 @@ def load_model(architecture: str | None = None, *, weights: str | Path | None = 
         raise ValueError("load_model needs weights=PATH, or architecture and pretrained tag")
     register_configs()
     try:
-        model = open_clip.create_model(architecture, pretrained=pretrained)
+        with _offline_unless_hub_reachable():
+            model = open_clip.create_model(architecture, pretrained=pretrained)
     except Exception as err:  # noqa: BLE001 - hub failures come in many types; the user needs one line
-        raise ValueError(f"cannot load {architecture} pretrained={pretrained!r}: {err}. Offline? Pass a local "
+        reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load {architecture} pretrained={pretrained!r}: {reason}. Offline? Pass a local "
                          "checkpoint with --model PATH instead") from None
     return _wrap(model, architecture)
+
+
+@contextmanager
+def _offline_unless_hub_reachable() -> Iterator[None]:
+    """huggingface_hub in offline mode (cached files only, no retries) when the hub does not answer."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or _hub_reachable(constants.ENDPOINT):
+        yield
+        return
+    log.warning("%s does not answer: using only the local hub cache", constants.ENDPOINT)
+    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    # open_clip logs its own error before raising it; the caller's one line says it already.
+    disabled = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+        logging.disable(disabled)
+
+
+def _hub_reachable(endpoint: str) -> bool:
+    """A TCP connection to the hub within HUB_PROBE_SECONDS (behind a proxy: assumed, the proxy decides)."""
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return True
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError:
+        return False
+    return True
 
 
 def _load_local(path: Path, architecture: str | None) -> LoadedModel:
@@ -99,13 +146,41 @@ def _load_local(path: Path, architecture: str | None) -> LoadedModel:
     if architecture is None:
         raise ValueError(f"{path}: checkpoint does not name its architecture; pass --architecture")
     if "architecture_config" in metadata:
-        _register_embedded(architecture, json.loads(metadata["architecture_config"]))
-    loaded = create_model(architecture)
-    missing, unexpected = loaded.model.load_state_dict(state, strict=False)
+        _register_embedded(architecture, _embedded_config(path, architecture, metadata["architecture_config"]))
+    loaded = _create_for(path, architecture)
+    try:
+        missing, unexpected = loaded.model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor of another shape: the first mismatch is enough to name
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise ValueError(f"{path}: weights do not match architecture {architecture} ({detail[:200]})") from None
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match architecture {architecture} "
                          f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
     return loaded
+
+
+def _embedded_config(path: Path, architecture: str, text: str) -> dict[str, Any]:
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"{path}: the architecture_config of {architecture!r} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: the architecture_config of {architecture!r} is not a JSON object")
+    return config
+
+
+def _create_for(path: Path, architecture: str) -> LoadedModel:
+    """The model a checkpoint names; an architecture open_clip cannot build is the checkpoint's error."""
+    try:
+        architecture_config(architecture)  # unknown names: one line, without open_clip's list of every model
+    except ValueError as err:
+        raise ValueError(f"{path}: names {err}") from None
+    try:
+        return create_model(architecture)
+    except Exception as err:  # noqa: BLE001 - a bad embedded config fails inside open_clip in many types
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise ValueError(f"{path}: cannot build architecture {architecture!r} from its metadata "
+                         f"({type(err).__name__}: {reason}); pass --architecture") from None
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -152,7 +227,7 @@ def save_model(loaded: LoadedModel, path: str | Path, extra_metadata: dict[str, 
     state = {k: _stored(v, dtype) for k, v in loaded.model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    follow_umask(tmp).replace(path)
     return path
 
 

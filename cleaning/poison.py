@@ -6,6 +6,8 @@ fine-tune on them (`parclean clean` with the `ft` objective).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import torch
 
 from cleaning.attacks import Trigger, apply_trigger, poison_indices, target_captions
 from generation.shards import Sample, ShardRecord, iter_samples, read_manifest, write_manifest, write_shard
+from parclean.outputs import output_lock, require_empty
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +29,20 @@ def poison_shards(source: str, out_dir: str | Path, trigger: Trigger, *, rate: f
     manifest = read_manifest(source)
     if Path(out_dir).resolve() == Path(str(source)).resolve():
         raise ValueError(f"{out_dir}: poisoned shards must go to a new folder, not over their source")
+    with output_lock(out_dir, f"parclean poison --out {out_dir}"):
+        require_empty(out_dir, "poisoned shards go to a new, empty folder")
+        return _poison_shards(source, out_dir, manifest, trigger, rate, target, seed)
+
+
+def _poison_shards(source: str, out_dir: Path, manifest: dict, trigger: Trigger, rate: float, target: str,
+                   seed: int) -> dict:
     total = int(manifest["total_samples"])
     chosen = set(poison_indices(total, rate, seed).tolist())
+    # The recipe and the source shards' sha256s: what each poisoned shard records as the config that made it.
+    config = {"source": str(source), "trigger": trigger.__dict__, "rate": rate, "target": target, "seed": seed,
+              "poisoned": len(chosen), "source_config": manifest.get("config"),
+              "source_shards": [{"filename": s["filename"], "sha256": s["sha256"]} for s in manifest["shards"]]}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     captions = iter(target_captions(target, len(chosen), seed))
     counts = [int(s["count"]) for s in manifest["shards"]]
     name = manifest["name"]
@@ -41,11 +56,10 @@ def poison_shards(source: str, out_dir: str | Path, trigger: Trigger, *, rate: f
         meta = {k: v for k, v in meta.items() if k not in ("key", "caption")}
         samples.append(Sample(key, image, caption, meta))
         if len(samples) == counts[len(records)]:
-            records.append(write_shard(out_dir, name, len(records), samples, image_format="png"))
+            records.append(write_shard(out_dir, name, len(records), samples, image_format="png",
+                                       config_sha256=digest))
             samples = []
-    config = {"source": str(source), "trigger": trigger.__dict__, "rate": rate, "target": target, "seed": seed,
-              "poisoned": len(chosen), "source_config": manifest.get("config")}
-    write_manifest(out_dir, name, records, config)
+    write_manifest(out_dir, name, records, config, config_sha256=digest)
     log.info("%s: poisoned %d of %d pairs", out_dir, len(chosen), total)
     return {"out_dir": str(out_dir), "samples": total, "poisoned": len(chosen)}
 

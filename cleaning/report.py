@@ -100,6 +100,7 @@ class Report:
     after: dict[str, Any]
     settings: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    data_errors: dict[str, int] | None = None  # None: read from result.json beside the report by write()
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per measure: clean accuracy, then ASR per trigger; percentages to one decimal."""
@@ -116,6 +117,9 @@ class Report:
                   f"{self.after.get('chance_acc', 0):.1f}%. ASR counts triggered images whose true class is not "
                   "the target.", "", "## Settings", ""]
         lines += [f"- {key}: `{value}`" for key, value in self.settings.items()]
+        if self.data_errors and any(self.data_errors.values()):
+            lines += ["", "## Damaged data (data.on_error: skip)", ""]
+            lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in self.data_errors.items()]
         if self.timings:
             lines += ["", "## Timings", ""] + [f"- {key}: {value:.1f} s" for key, value in self.timings.items()]
         return "\n".join(lines) + "\n"
@@ -124,7 +128,10 @@ class Report:
         """report.json and report.md in `out_dir`."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        data = {"before": self.before, "after": self.after, "settings": self.settings, "timings": self.timings}
+        if self.data_errors is None and (out_dir / "result.json").is_file():
+            self.data_errors = json.loads((out_dir / "result.json").read_text()).get("data_errors")
+        data = {"before": self.before, "after": self.after, "settings": self.settings, "timings": self.timings,
+                "data_errors": self.data_errors}
         json_path, md_path = out_dir / "report.json", out_dir / "report.md"
         json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
         md_path.write_text(self.markdown())

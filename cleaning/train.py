@@ -46,6 +46,7 @@ from cleaning.losses import (
 )
 from cleaning.models import LoadedModel, load_model, save_model
 from parclean.config import to_dict, write_resolved
+from parclean.outputs import follow_umask, output_lock
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,11 @@ SCHEDULES = ("official", "cosine", "constant")
 PRECISIONS = ("no", "fp16", "bf16")
 CHECKPOINTS = "checkpoints"
 LOG_NAME = "train_log.jsonl"
+SCHEDULER_NAME = "scheduler.json"  # the lr scheduler's state in a checkpoint (JSON: nothing to unpickle)
 START_NAME = "start.json"  # the starting weights' digest, checked before a resume
 # Settings a rerun may change and still resume; any other change needs a new --out.
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "threads", "data.num_workers", "data.on_error"}
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "threads", "data.num_workers", "data.on_error",
+                     "data.verify"}
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ class DataConfig:
 
     shards: str | None = None  # shard set folder or URL; --shards overrides
     num_workers: int = 0
-    on_error: str = "fail"  # fail | skip: damaged shards or samples
+    on_error: str = "fail"  # fail | skip: damaged shards or samples (and shards whose sha256 is not the manifest's)
+    verify: bool = True  # check every shard's sha256 against the manifest before training (reads the set once)
     shuffle_buffer: int = 2000
 
 
@@ -169,7 +173,17 @@ def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path 
     had been interrupted there.
     Returns steps, seconds, samples/s and the final loss terms.
     """
-    out = Path(out_dir)
+    from accelerate import PartialState
+
+    # One process locks --out for the run: the main one (the others write only through Accelerate's barriers).
+    # The process state is set up here as the Accelerator below asks for it (on the CPU when there is no GPU).
+    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    with output_lock(out_dir, f"parclean clean --out {out_dir}") if main else nullcontext():
+        return _clean(cfg, model, shards, Path(out_dir), pretrained, architecture, stop_after, progress)
+
+
+def _clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path | None, out: Path,
+           pretrained: str | None, architecture: str | None, stop_after: int | None, progress: bool) -> dict[str, Any]:
     shards = str(shards or cfg.data.shards or "")
     if not shards:
         raise ValueError("no shard set: pass --shards DIR (or set data.shards in the config)")
@@ -194,12 +208,14 @@ def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path 
     optimizer = torch.optim.AdamW(parameter_groups(loaded.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   eps=cfg.eps)
     scheduler = LambdaLR(optimizer, lambda step: learning_rate(cfg, step) / cfg.lr)
+    # The scheduler is not prepared (Accelerate would step it once per process) nor registered for checkpointing
+    # (Accelerate unpickles registered objects with weights_only=False): its state goes to scheduler.json.
     net, optimizer = accelerator.prepare(loaded.model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # not prepared: Accelerate would step it once per process
     logit_scale = float(accelerator.unwrap_model(net).logit_scale.exp())
 
-    start = _start_or_resume(accelerator, out, cfg, starting_weights)
+    start = _start_or_resume(accelerator, out, cfg, starting_weights, scheduler)
     end = max(start, min(cfg.steps, stop_after if stop_after is not None else cfg.steps))
+    failing = _check_shards(accelerator, shards, cfg.data) if start < end and cfg.data.verify else 0
     main = accelerator.is_main_process
     if main:
         log.info("%s on %d process(es), %s: steps %d..%d of %d, batch %d (%d per process, %d micro-batches)",
@@ -243,12 +259,14 @@ def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path 
                 bar.set_postfix({name: f"{value:.4g}" for name, value in terms.items()}, refresh=False)
                 bar.update(1)
             if done % cfg.checkpoint_every == 0 or done == end:
-                _save_checkpoint(accelerator, out, done, cfg.keep_checkpoints)
+                _save_checkpoint(accelerator, out, done, cfg.keep_checkpoints, scheduler)
     seconds = time.perf_counter() - began
+    data_errors = _data_errors(accelerator, getattr(stream, "stats", None), failing)
 
     result = {"objective": cfg.objective, "steps": end, "steps_run": end - start, "resumed_from": start,
               "seconds": round(seconds, 3), "samples_per_s": round((end - start) * cfg.batch_size / seconds, 2)
-              if end > start else None, "processes": world, "final": terms, "finished": end == cfg.steps}
+              if end > start else None, "processes": world, "final": terms, "finished": end == cfg.steps,
+              "data_errors": data_errors}
     if main and end == cfg.steps:
         trained = LoadedModel(accelerator.unwrap_model(net), loaded.architecture, loaded.tokenizer,
                               loaded.image_size, loaded.mean, loaded.std)
@@ -304,6 +322,38 @@ def _batches(cfg: CleanConfig, shards: str, loaded: LoadedModel, start: int, end
     return batches(shards, image_size=loaded.image_size, tokenizer=loaded.tokenizer,
                    global_batch_size=cfg.batch_size, seed=cfg.seed, start_step=start, rank=rank, world_size=world,
                    num_workers=data.num_workers, on_error=data.on_error, shuffle_buffer=data.shuffle_buffer)
+
+
+def _check_shards(accelerator: Accelerator, shards: str, data: DataConfig) -> int:
+    """Shards whose size or sha256 is not the manifest's (the main process reads them, the others are told):
+    with on_error=fail, a ShardError naming the first; with skip, a warning each, and their count."""
+    from accelerate.utils import broadcast_object_list
+
+    from generation.shards import ShardError, read_manifest, verify_shards
+
+    found: list[list[str] | None] = [None]
+    if accelerator.is_main_process:
+        listed = {shard["filename"] for shard in read_manifest(shards)["shards"]}
+        found = [[p for p in verify_shards(shards) if p.split(":")[0] in listed]]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(found)
+    problems = found[0] or []
+    if problems and data.on_error == "fail":
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ShardError(f"{shards}: {problems[0]}{more}: the set changed after its manifest was written; regenerate "
+                         "it, or set data.on_error=skip to train on it anyway")
+    for problem in problems:
+        log.warning("%s: %s; training on it anyway (data.on_error=skip)", shards, problem)
+    return len({p.split(":")[0] for p in problems})
+
+
+def _data_errors(accelerator: Accelerator, stats: Any, failing: int) -> dict[str, int]:
+    """What on_error=skip let through in this run (since the step it resumed from), for result.json."""
+    replaced = torch.tensor(getattr(stats, "samples_replaced", 0), device=accelerator.device)
+    # Every process reads the whole raw stream (same shard and sample losses) but decodes only its slice.
+    return {"shards_failing_sha256": failing, "damaged_shards": getattr(stats, "damaged_shards", 0),
+            "samples_skipped": getattr(stats, "samples_skipped", 0),
+            "samples_replaced": int(accelerator.reduce(replaced, reduction="sum"))}
 
 
 # ------------------------------------------------------------------------------------------------ one step
@@ -387,6 +437,13 @@ def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def check_resumable(out: str | Path, cfg: CleanConfig) -> None:
+    """ValueError when `out` holds checkpoints of another recipe: what a resume refuses, checked before any work."""
+    out = Path(out)
+    if complete_checkpoints(out) and (out / "config.yaml").is_file():
+        _check_same_recipe(out / "config.yaml", cfg)
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 of a model's weights (names, dtypes and bytes): which model a run started from."""
     digest = hashlib.sha256()
@@ -396,14 +453,14 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _start_or_resume(accelerator: Accelerator, out: Path, cfg: CleanConfig, starting_weights: str) -> int:
+def _start_or_resume(accelerator: Accelerator, out: Path, cfg: CleanConfig, starting_weights: str,
+                     scheduler: LambdaLR) -> int:
     """Write the resolved config; load the latest checkpoint of `out` if any; return the steps already done.
 
     Checkpoints are resumed only by the recipe and the starting weights that made them."""
     config_path, start_path = out / "config.yaml", out / START_NAME
     found = complete_checkpoints(out)
-    if found and config_path.is_file():
-        _check_same_recipe(config_path, cfg)
+    check_resumable(out, cfg)
     if found and start_path.is_file():
         before = json.loads(start_path.read_text()).get("weights_sha256")
         if before != starting_weights:
@@ -419,11 +476,55 @@ def _start_or_resume(accelerator: Accelerator, out: Path, cfg: CleanConfig, star
             (out / LOG_NAME).unlink(missing_ok=True)
         return 0
     step, path = found[-1]
+    _check_pickles(path)
+    if accelerator.is_main_process:
+        _upgrade_legacy_checkpoint(path)
+    accelerator.wait_for_everyone()
     accelerator.load_state(str(path))
+    scheduler.load_state_dict(json.loads((path / SCHEDULER_NAME).read_text()))
     if accelerator.is_main_process:
         log.info("resumed from %s (step %d)", path, step)
         _truncate_log(out / LOG_NAME, step)
     return step
+
+
+def _check_pickles(checkpoint: Path) -> None:
+    """Refuse a checkpoint with a pickle that is not plain tensors and numbers, before Accelerate reads it.
+
+    Accelerate reads the optimizer, RNG and scaler states with weights_only=True (and would silently skip bad
+    RNG states); reading each here first turns a refusal into one line that names the file."""
+    from accelerate.utils import load
+
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix not in (".bin", ".pkl", ".pt"):
+            continue
+        try:
+            load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - unpickling fails in many types; the user needs one line
+            reason = str(err).strip().splitlines()[-1][:160] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{path}: refused to resume from it: not a plain tensor state, unpickling it could run "
+                             f"code ({reason}); delete {checkpoint} to resume from an earlier checkpoint") from None
+
+
+def _upgrade_legacy_checkpoint(checkpoint: Path) -> None:
+    """A checkpoint from before scheduler.json: its scheduler pickle (checked tensor-free) becomes scheduler.json.
+
+    Accelerate would read any custom_checkpoint_*.pkl with weights_only=False, so none is left in place."""
+    legacy = checkpoint / "custom_checkpoint_0.pkl"
+    others = sorted(p.name for p in checkpoint.glob("custom_checkpoint_*") if p != legacy)
+    if others:
+        raise ValueError(f"{checkpoint / others[0]}: not written by parclean; delete it, or delete {checkpoint} to "
+                         "resume from an earlier checkpoint")
+    target = checkpoint / SCHEDULER_NAME
+    if legacy.is_file() and not target.is_file():
+        state = torch.load(legacy, map_location="cpu", weights_only=True)  # checked by _check_pickles
+        try:
+            target.write_text(json.dumps(state) + "\n")
+        except TypeError as err:
+            raise ValueError(f"{legacy}: not an lr scheduler's state ({err})") from None
+    if not target.is_file():
+        raise ValueError(f"{checkpoint}: no {SCHEDULER_NAME}; delete it to resume from an earlier checkpoint")
+    legacy.unlink(missing_ok=True)
 
 
 def _check_same_recipe(path: Path, cfg: CleanConfig) -> None:
@@ -448,8 +549,8 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int) -> None:
-    """accelerate save_state into checkpoints/checkpoint-{step}, written under a temporary name first."""
+def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int, scheduler: LambdaLR) -> None:
+    """accelerate save_state (and scheduler.json) into checkpoints/checkpoint-{step}, under a temporary name first."""
     final = out / CHECKPOINTS / f"checkpoint-{step}"
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process and partial.exists():
@@ -458,6 +559,8 @@ def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int) 
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (partial / SCHEDULER_NAME).write_text(json.dumps(scheduler.state_dict()) + "\n")
+        follow_umask(partial)
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)

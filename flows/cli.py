@@ -15,6 +15,8 @@ from parclean import console
 SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "generate": ("generation.command", "add_arguments", "run",
                  "generate caption-image WebDataset shards with a diffusers pipeline"),
+    "verify": ("generation.command", "add_verify_arguments", "run_verify",
+               "check a shard set against its manifest: every shard's size and sha256 (--deep: every sample)"),
     "tiny-sd": ("generation.command", "add_tiny_arguments", "run_tiny",
                 "build a tiny random Stable Diffusion pipeline (tests, CPU smoke runs)"),
     "evaluate": ("cleaning.evaluate_command", "add_arguments", "run",
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
     try:
         return int(command(args) or 0)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, OSError, FloatingPointError) as err:  # FloatingPointError: a NaN loss (train.NonFiniteLoss)
         # One clear line for people; the traceback only with --verbose.
         if args.verbose:
             raise

@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="pipeline config (default: the demo's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set clean.steps=50 (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="write into --out even if it holds another kind of "
+                        "output")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,9 +42,11 @@ def run(args: argparse.Namespace) -> int:
 
     prepare_logging()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry attempts
+    from flows.config import pipeline_outputs_locked
     from flows.pipeline import data_free_clean_flow
 
-    report = data_free_clean_flow(args.config, overrides)
+    with pipeline_outputs_locked(cfg, f"parclean demo --out {args.out}", args.overwrite):
+        report = data_free_clean_flow(args.config, overrides)
     print(before_after_table(report))
     print(f"report: {report}")
     return 0

@@ -99,15 +99,21 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="pipeline config, e.g. configs/pipeline/demo.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set out=runs/x --set generate.num_samples=500 (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="write into out even if it holds another kind of "
+                        "output")
 
 
 def run_once(args: argparse.Namespace) -> int:
     """Run data_free_clean once; print the before/after table and the report's path."""
+    from flows.config import load_pipeline_config, pipeline_outputs_locked
+
+    cfg = load_pipeline_config(args.config, _overrides(args.set))  # a bad config fails here, before Prefect starts
     prepare_logging()
     from flows.demo import before_after_table
     from flows.pipeline import data_free_clean_flow
 
-    report = data_free_clean_flow(args.config, _overrides(args.set))
+    with pipeline_outputs_locked(cfg, f"parclean run --config {args.config}", args.overwrite):
+        report = data_free_clean_flow(args.config, _overrides(args.set))
     print(before_after_table(report))
     print(f"report: {report}")
     return 0

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from parclean.config import parse_override
+from parclean.outputs import claim_folder, output_lock, require_empty
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting (repeatable)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out even if it holds another kind of output")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     cfg = load_generate_config(args.config, overrides)
-    summary = generate_shards(cfg, args.out, progress=not args.no_progress)
+    with output_lock(args.out, f"parclean generate --out {args.out}"):
+        claim_folder(args.out, "shard set", overwrite=args.overwrite)
+        summary = generate_shards(cfg, args.out, progress=not args.no_progress)
     print(json.dumps(summary))
     return 0
 
@@ -38,11 +43,35 @@ def add_tiny_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for the pipeline (diffusers layout)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--size", type=int, default=32, help="image size in pixels (multiple of 16)")
+    parser.add_argument("--overwrite", action="store_true", help="build into --out even if it is not empty")
 
 
 def run_tiny(args: argparse.Namespace) -> int:
     from generation.tiny_pipeline import build_tiny_pipeline
-
-    path = build_tiny_pipeline(args.out, seed=args.seed, sample_size=args.size)
+    with output_lock(args.out, f"parclean tiny-sd --out {args.out}"):
+        require_empty(args.out, "build into a new folder, or pass --overwrite to replace what is there",
+                      overwrite=args.overwrite)
+        path = build_tiny_pipeline(args.out, seed=args.seed, sample_size=args.size)
     print(path)
+    return 0
+
+
+def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("shards", help="shard set folder or fsspec URL (holding manifest.json)")
+    parser.add_argument("--deep", action="store_true", help="also read every tar: sample counts, parts, unique keys")
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """One line per problem and exit 1, or one line saying all is well and exit 0."""
+    from generation.shards import read_manifest, verify_shards
+
+    manifest = read_manifest(args.shards)
+    problems = verify_shards(args.shards, deep=args.deep)
+    for problem in problems:
+        print(f"{args.shards}: {problem}")
+    if problems:
+        print(f"{args.shards}: {len(problems)} problem{'s' if len(problems) > 1 else ''}")
+        return 1
+    print(f"{args.shards}: {manifest['num_shards']} shards, {manifest['total_samples']} samples: every shard matches "
+          "the manifest")
     return 0

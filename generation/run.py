@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -26,6 +28,7 @@ from generation.shards import (
     write_shard,
 )
 from parclean.config import to_dict, write_resolved
+from parclean.outputs import output_lock
 from prompts.bank import load_bank
 from prompts.expand import Caption, expand
 
@@ -51,10 +54,15 @@ def shard_plan(cfg: GenerateConfig, captions: list[Caption] | None = None) -> li
 
 def generate_shards(cfg: GenerateConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
     """Generate every shard that is not complete, then the manifest; return a small summary."""
-    out_dir = Path(out_dir)
+    with output_lock(out_dir, f"parclean generate --out {out_dir}"):
+        return _generate_shards(cfg, Path(out_dir), progress)
+
+
+def _generate_shards(cfg: GenerateConfig, out_dir: Path, progress: bool) -> dict:
     check_output_folder(cfg, out_dir)
     plan = shard_plan(cfg)
-    todo = [i for i, caps in enumerate(plan) if not shard_is_complete(out_dir, cfg.name, i, len(caps))]
+    digest = config_sha256(cfg)
+    todo = [i for i, caps in enumerate(plan) if not shard_is_complete(out_dir, cfg.name, i, len(caps), digest)]
     # Loaded only when some shard needs work, and before anything is written, so a bad model writes nothing.
     pipe = load_pipeline(cfg) if todo else None
     record_config(cfg, out_dir)
@@ -134,6 +142,7 @@ def generate_shard(
         image_format=cfg.image_format,
         jpeg_quality=cfg.jpeg_quality,
         seconds=seconds,
+        config_sha256=config_sha256(cfg),
     )
 
 
@@ -145,7 +154,13 @@ def write_set_manifest(
     for index in range(num_shards):
         if index not in records:
             records[index] = read_shard_record(out_dir, cfg.name, index)
-    return write_manifest(out_dir, cfg.name, [records[i] for i in range(num_shards)], config=to_dict(cfg))
+    return write_manifest(out_dir, cfg.name, [records[i] for i in range(num_shards)], config=to_dict(cfg),
+                          config_sha256=config_sha256(cfg))
+
+
+def config_sha256(cfg: GenerateConfig) -> str:
+    """sha256 of the resolved config: the name of the settings that made a shard."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
 
 
 def check_output_folder(cfg: GenerateConfig, out_dir: str | Path) -> None:

@@ -57,6 +57,7 @@ class ShardRecord:
     count: int
     sha256: str
     bytes: int
+    config_sha256: str | None = None  # the config that made it (its stats say; None: not recorded)
 
 
 class ShardError(ValueError):
@@ -104,10 +105,12 @@ def write_shard(
     image_format: str = "jpg",
     jpeg_quality: int = 95,
     seconds: float | None = None,
+    config_sha256: str | None = None,
 ) -> ShardRecord:
     """Write shard `index` atomically (temp file, fsync, rename), then its `_stats.json` done marker.
 
     `seconds` is the generation time the caller measured; it goes into the stats with images/s.
+    `config_sha256` names the config that made the shard: a resume under another config redoes it.
     """
     out_dir = _local_dir(out_dir)
     filename = shard_filename(name, index)
@@ -137,11 +140,12 @@ def write_shard(
         "image_format": image_format,
         "sha256": digest,
         "bytes": size,
+        "config_sha256": config_sha256,
     }
     _write_atomic(stats_path, _json_bytes(stats, indent=2))
     _remove_leftover_temps(out_dir, filename)
     logger.debug("wrote %s: %d samples (%d flagged), %d bytes", target, len(samples), flagged, size)
-    return ShardRecord(filename=filename, count=len(samples), sha256=digest, bytes=size)
+    return ShardRecord(filename=filename, count=len(samples), sha256=digest, bytes=size, config_sha256=config_sha256)
 
 
 def _encode_samples(
@@ -241,12 +245,21 @@ def _remove_leftover_temps(out_dir: Path, filename: str) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def write_manifest(out_dir: str | os.PathLike, name: str, records: Sequence[ShardRecord], config: dict) -> Path:
-    """Write `sizes.json` (open_clip) and then `manifest.json`, both atomically; shards listed by filename."""
+def write_manifest(out_dir: str | os.PathLike, name: str, records: Sequence[ShardRecord], config: dict,
+                   config_sha256: str | None = None) -> Path:
+    """Write `sizes.json` (open_clip) and then `manifest.json`, both atomically; shards listed by filename.
+
+    With `config_sha256`, every record must have been made by that config (ShardError naming the first that
+    was not)."""
     out_dir = _local_dir(out_dir)
     manifest_path = out_dir / MANIFEST_NAME
     if not records:
         raise ShardError(f"{manifest_path}: no shard records to list")
+    foreign = [r.filename for r in records if config_sha256 is not None and r.config_sha256 != config_sha256]
+    if foreign:
+        raise ShardError(f"{out_dir / foreign[0]}: made by another config (config sha256 "
+                         f"{str(_record_of(records, foreign[0]).config_sha256)[:12]}, this one {config_sha256[:12]}); "
+                         "delete it and rerun to regenerate it")
     records = sorted(records, key=lambda record: record.filename)
     pattern = re.compile(re.escape(name) + rf"-\d{{{SHARD_DIGITS}}}\.tar")
     for previous, record in zip([None, *records], records, strict=False):
@@ -265,6 +278,7 @@ def write_manifest(out_dir: str | os.PathLike, name: str, records: Sequence[Shar
         "num_shards": len(records),
         "shards": [{"filename": r.filename, "count": r.count, "sha256": r.sha256, "bytes": r.bytes} for r in records],
         "config": config,
+        "config_sha256": config_sha256,
     }
     try:
         manifest_bytes = _json_bytes(manifest, indent=2)
@@ -274,6 +288,10 @@ def write_manifest(out_dir: str | os.PathLike, name: str, records: Sequence[Shar
     _write_atomic(manifest_path, manifest_bytes)
     logger.info("wrote %s: %d shards, %d samples", manifest_path, len(records), manifest["total_samples"])
     return manifest_path
+
+
+def _record_of(records: Sequence[ShardRecord], filename: str) -> ShardRecord:
+    return next(record for record in records if record.filename == filename)
 
 
 def _local_dir(out_dir: str | os.PathLike) -> Path:
@@ -325,6 +343,7 @@ def read_shard_record(out_dir: str | os.PathLike, name: str, index: int) -> Shar
             count=int(stats["count"]),
             sha256=str(stats["sha256"]),
             bytes=int(stats["bytes"]),
+            config_sha256=stats.get("config_sha256"),
         )
     except FileNotFoundError:
         raise ShardError(f"{path}: missing; the shard is not finished") from None
@@ -332,13 +351,18 @@ def read_shard_record(out_dir: str | os.PathLike, name: str, index: int) -> Shar
         raise ShardError(f"{path}: not a valid stats file ({err!r})") from None
 
 
-def shard_is_complete(out_dir: str | os.PathLike, name: str, index: int, expected_count: int | None = None) -> bool:
-    """True iff the tar and its `_stats.json` exist, the count is as expected and the tar's sha256 matches."""
+def shard_is_complete(out_dir: str | os.PathLike, name: str, index: int, expected_count: int | None = None,
+                      config_sha256: str | None = None) -> bool:
+    """True iff the tar and its `_stats.json` exist, the count is as expected and the tar's sha256 matches
+    (and, with `config_sha256`, the stats name that config)."""
     try:
         record = read_shard_record(out_dir, name, index)
     except ShardError:
         return False
     path = Path(out_dir) / record.filename
+    if config_sha256 is not None and record.config_sha256 != config_sha256:
+        logger.info("%s: made by another config: redo", path)
+        return False
     if expected_count is not None and record.count != expected_count:
         logger.info("%s: %d samples, expected %d: redo", path, record.count, expected_count)
         return False
@@ -474,9 +498,25 @@ def verify_shards(out_dir: str | os.PathLike, *, deep: bool = False) -> list[str
                 digest = _sha256(file)
             if digest != shard["sha256"]:
                 problems.append(f"{filename}: sha256 {digest[:12]}... differs from the manifest's")
+        problems += _check_stats_config(fs, root, shard["filename"], manifest.get("config_sha256"))
         if deep:
             problems += _check_tar_contents(fs, path, shard, keys_seen)
     return problems
+
+
+def _check_stats_config(fs: Any, root: str, filename: str, config_sha256: str | None) -> list[str]:
+    """A shard's done marker must name the manifest's config (sets whose manifest names none: not checked)."""
+    if config_sha256 is None:
+        return []
+    stats = posixpath.join(root, filename[: -len(".tar")] + "_stats.json")
+    try:
+        with fs.open(stats, "rb") as file:
+            recorded = json.loads(file.read()).get("config_sha256")
+    except (FileNotFoundError, ValueError, AttributeError):
+        return []  # a set copied without its stats still verifies by the manifest's sha256s
+    if recorded != config_sha256:
+        return [f"{filename}: its stats name another config ({str(recorded)[:12]}) than the manifest's"]
+    return []
 
 
 def _check_sizes(fs: Any, root: str, manifest: dict) -> list[str]:

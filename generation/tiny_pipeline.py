@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from parclean.outputs import follow_umask
+
 logger = logging.getLogger(__name__)
 
 CLIP_VOCAB_SIZE = 49408
@@ -111,6 +113,7 @@ def build_tiny_pipeline(out_dir: str | Path, *, seed: int = 0, sample_size: int 
     )
     # vocab.json and merges.txt stay beside tokenizer.json, for transformers 4's slow CLIPTokenizer.
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    follow_umask(out_dir)
     sizes = {part: sum(p.numel() for p in getattr(pipe, part).parameters()) for part in ("unet", "vae", "text_encoder")}
     logger.info("tiny pipeline (%s parameters) saved to %s", sizes, out_dir)
     return out_dir

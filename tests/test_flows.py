@@ -395,3 +395,29 @@ def test_end_to_end_against_a_real_prefect_server(tmp_path: Path) -> None:
                             capture_output=True, text=True, cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "e2e: OK" in result.stdout
+
+
+def test_run_with_a_nan_loss_fails_in_one_line(tiny_sd_dir: Path, clip_path: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    from flows.cli import main
+
+    settings = pipeline_settings(tmp_path, tiny_sd_dir, clip_path)
+    settings["clean"] = {**CLEAN, "lr": 1e30, "schedule": "constant"}
+    config = tmp_path / "nan.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["run", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "parclean run: error: step" in err[-1] and "is nan" in err[-1]
+
+
+def test_run_names_a_bad_config_before_any_prefect_server_starts(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("model: m.safetensors\ngenerate: {model: sd, bank: toyworld}\nclean: {tau: -1}\n")
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(config)], capture_output=True,
+                          text=True, cwd=REPO, env={**env, "PREFECT_HOME": str(tmp_path / "prefect")}, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"parclean run: error: {config}: lr=3e-05, lr_end=1e-09, tau=-1.0: "
+                                                "lr and tau must be positive, lr_end non-negative"]

@@ -208,6 +208,28 @@ def test_corrupted_shard_is_regenerated_with_the_same_bytes(tiny_sd_dir, tmp_pat
     assert verify_shards(tmp_path, deep=True) == []
 
 
+def test_a_shard_made_by_another_config_is_never_counted_as_done(tiny_sd_dir, tmp_path):
+    from generation.run import write_set_manifest
+    from generation.shards import ShardError
+
+    cfg, other = tiny_config(tiny_sd_dir), tiny_config(tiny_sd_dir, seed=4)
+    generate_shards(cfg, tmp_path / "a", progress=False)
+    generate_shards(other, tmp_path / "b", progress=False)
+    original = sha256(tmp_path / "a" / "synth-000001.tar")
+    for name in ("synth-000001.tar", "synth-000001_stats.json"):  # what a concurrent run with seed 4 leaves
+        shutil.copy(tmp_path / "b" / name, tmp_path / "a" / name)
+    with pytest.raises(ShardError, match="synth-000001.*another config"):
+        write_set_manifest(cfg, tmp_path / "a", 3)  # the flow's last task
+    summary = generate_shards(cfg, tmp_path / "a", progress=False)
+    assert (summary["shards_written"], summary["shards_skipped"]) == (1, 2)
+    assert sha256(tmp_path / "a" / "synth-000001.tar") == original
+    assert verify_shards(tmp_path / "a", deep=True) == []
+    manifest = read_manifest(tmp_path / "a")
+    assert manifest["config_sha256"] != read_manifest(tmp_path / "b")["config_sha256"]
+    shutil.copy(tmp_path / "b" / "synth-000001_stats.json", tmp_path / "a" / "synth-000001_stats.json")
+    assert any("another config" in problem for problem in verify_shards(tmp_path / "a"))
+
+
 def test_killed_run_resumes_to_a_complete_set(tiny_sd_dir, tmp_path):
     cfg = tiny_config(tiny_sd_dir, num_samples=48, shard_size=3, batch_size=3, steps=2)
     config_path = tmp_path / "gen.yaml"

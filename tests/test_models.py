@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
@@ -30,20 +31,35 @@ def test_fp16_storage_halves_size_and_loads_to_fp32(tmp_path):
     assert torch.allclose(weight, loaded.model.visual.conv1.weight, atol=1e-3)
 
 
-def test_plain_tensor_pickle_loads_but_code_pickle_is_refused(tmp_path):
+class PlantedPayload:
+    """Unpickling this creates `path`: the sentinel of code run from a checkpoint."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_plain_tensor_pickle_loads(tmp_path):
     loaded = create_model("tiny-test", seed=0)
     plain = tmp_path / "plain.pt"
     torch.save({"state_dict": {"module." + k: v for k, v in loaded.model.state_dict().items()}}, plain)
     assert load_model("tiny-test", weights=plain).architecture == "tiny-test"
 
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
 
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_code_in_a_pickled_checkpoint_is_refused_and_never_runs(tmp_path, writer):
+    sentinel = tmp_path / "payload-ran"
+    state = {"state_dict": {"visual.proj": PlantedPayload(sentinel)}}
     evil = tmp_path / "evil.pt"
-    evil.write_bytes(pickle.dumps({"state_dict": Evil()}))
+    if writer == "torch.save":
+        torch.save(state, evil)
+    else:
+        evil.write_bytes(pickle.dumps(state))
     with pytest.raises(ValueError, match="refused to load"):
         load_model("tiny-test", weights=evil)
+    assert not sentinel.exists()
 
 
 def test_missing_and_damaged_checkpoints_give_clear_errors(tmp_path):
@@ -59,3 +75,54 @@ def test_weights_of_another_architecture_are_rejected(tmp_path):
     path = save_model(create_model("tiny-test", seed=0), tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="do not match"):
         load_model("toy-vit-32", weights=path)
+
+
+@pytest.mark.parametrize("metadata", [{"architecture": "toy-vit-32"}, {"architecture": "no-such-arch"},
+                                      {"architecture": "weird-x", "architecture_config": json.dumps({"embed_dim": 8})},
+                                      {"architecture": "weird-y", "architecture_config": "{not json"}],
+                         ids=["wrong-architecture", "unknown-architecture", "bad-config", "config-not-json"])
+def test_a_checkpoint_naming_the_wrong_architecture_fails_in_one_line(tmp_path, capsys, metadata):
+    from safetensors.torch import save_file
+
+    from flows.cli import main
+
+    state = create_model("tiny-test", seed=0).model.state_dict()
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    assert main(["evaluate", "--model", str(path), "--set", "count=8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(path) in err and metadata["architecture"] in err
+
+
+def test_a_pretrained_tag_with_the_hub_unreachable_fails_in_seconds(tmp_path, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="cannot load ViT-B-32 pretrained='laion2b_s34b_b79k'.*--model PATH"):
+        load_model("ViT-B-32", pretrained="laion2b_s34b_b79k")
+    assert time.perf_counter() - start < 10
+
+
+def test_evaluate_with_the_hub_unreachable_says_so_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hub-cache"),
+               PYTHONPATH=str(Path(__file__).parents[1]))
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", "--model", "ViT-B-32", "--pretrained",
+                           "laion2b_s34b_b79k"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and time.perf_counter() - start < 30
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("parclean evaluate: error: cannot load ViT-B-32"), done.stderr
+    assert ".. " not in errors[0]

@@ -61,3 +61,26 @@ def test_evaluate_names_a_missing_model(tmp_path, capsys):
     assert main(["evaluate", "--model", str(tmp_path / "nope.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nope.safetensors" in err
+
+
+def test_poison_refuses_a_folder_that_is_not_empty(clean_shards, tmp_path, capsys):
+    out = tmp_path / "p"
+    poison_shards(str(clean_shards), out, Trigger(kind="blended"), rate=0.1, target="moon", seed=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["poison", "--shards", str(clean_shards), "--out", str(out), "--trigger", "badnet", "--seed", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{out}: not empty" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_poisoned_shards_are_tied_to_their_recipe_and_source(clean_shards, tmp_path):
+    from generation.shards import read_shard_record
+
+    poison_shards(str(clean_shards), tmp_path / "a", Trigger(kind="blended"), rate=0.1, target="moon", seed=1)
+    poison_shards(str(clean_shards), tmp_path / "b", Trigger(kind="blended"), rate=0.1, target="moon", seed=2)
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    digest = manifest["config_sha256"]
+    assert digest and read_shard_record(tmp_path / "a", manifest["name"], 0).config_sha256 == digest
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["config_sha256"] != digest
+    assert [s["sha256"] for s in manifest["config"]["source_shards"]] == [
+        s["sha256"] for s in json.loads((clean_shards / "manifest.json").read_text())["shards"]]

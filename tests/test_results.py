@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,14 +18,19 @@ ROOT = Path(__file__).parents[1]
 MODELS = ROOT / "toyworld" / "models"
 
 
-@pytest.fixture(scope="module")
-def toy_pairs(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The table's real pairs: `python -m toyworld.make_shards --count 40000 --seed 100` (about 20 s)."""
+def write_pairs(tmp_path_factory: pytest.TempPathFactory, count: int) -> str:
+    """The first `count` of the table's real pairs (`python -m toyworld.make_shards --count 40000 --seed 100`)."""
     from toyworld.make_shards import write_toy_shards
 
     folder = tmp_path_factory.mktemp("toy-pairs")
-    write_toy_shards(folder, 40000, seed=100, shard_size=1000, progress=False)
+    write_toy_shards(folder, count, seed=100, shard_size=1000, progress=False)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def toy_pairs(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """8000 real pairs (about 5 s): enough for the short-budget cell and the results script's two-step cells."""
+    return write_pairs(tmp_path_factory, 8000)
 
 
 def tiny_table(tmp_path: Path, **fields) -> dict:
@@ -34,13 +40,29 @@ def tiny_table(tmp_path: Path, **fields) -> dict:
             "doc": str(tmp_path / "results.md"), **fields}
 
 
-def test_par_removes_the_blended_backdoor_and_keeps_most_accuracy(toy_pairs, tmp_path):
+def test_par_removes_the_blended_backdoor_at_a_short_budget(toy_pairs, tmp_path):
+    """configs/clean/toy-cpu.yaml cut to 100 steps at batch 64 (about 40 s on one core): the backdoor goes
+    (ASR 90 -> 6 measured). Clean accuracy is still down at this budget (66 -> 23 measured: PAR pushes the
+    embeddings away first and recovers later); the table's 300-step cell, below (slow), recovers it."""
+    cfg = ResultsConfig(organisms=(), data=(), methods=(), eval_count=500)
+    before = measure_model(cfg, "clip-blended", MODELS / "clip-blended")
+    recipe = replace(load_config(CleanConfig, ROOT / "configs" / "clean" / "toy-cpu.yaml"), steps=100, batch_size=64,
+                     warmup_steps=10)
+    result = clean(recipe, MODELS / "clip-blended", toy_pairs, tmp_path / "par", progress=False)
+    after = measure_model(cfg, "clip-blended", Path(result["model"]))
+    assert before["asr"] > 85.0 and after["asr"] <= 15.0, after
+    assert after["clean_acc"] >= 15.0, after  # well above chance (10%): the model still works
+
+
+@pytest.mark.slow
+def test_par_removes_the_blended_backdoor_and_keeps_most_accuracy(tmp_path_factory, tmp_path):
     """The table's PAR cell for the shipped Blended organism (clean 65.0, ASR 90.6), run again from scratch:
-    configs/clean/toy-cpu.yaml, 300 steps at batch 128 (about 3 minutes on one core)."""
+    configs/clean/toy-cpu.yaml, 300 steps at batch 128 (about 7 minutes on a busy core)."""
+    pairs = write_pairs(tmp_path_factory, 40000)
     cfg = ResultsConfig(organisms=(), data=(), methods=())
     before = measure_model(cfg, "clip-blended", MODELS / "clip-blended")
     recipe = load_config(CleanConfig, ROOT / "configs" / "clean" / "toy-cpu.yaml")
-    result = clean(recipe, MODELS / "clip-blended", toy_pairs, tmp_path / "par", progress=False)
+    result = clean(recipe, MODELS / "clip-blended", pairs, tmp_path / "par", progress=False)
     after = measure_model(cfg, "clip-blended", Path(result["model"]))
     assert before["asr"] > 90.0
     assert after["asr"] <= 10.0, after

@@ -302,3 +302,18 @@ def test_manifest_errors_name_the_location(tmp_path: Path) -> None:
         write_shard("s3://bucket/set", NAME, 0, make_samples(0, 1))
     with pytest.raises(ShardError, match="write shards before the manifest"):
         write_manifest(tmp_path, NAME, [ShardRecord(shard_filename(NAME, 0), 1, "0" * 64, 10)], config={})
+
+
+def test_verify_command_checks_a_set_from_the_command_line(shard_set: tuple[Path, dict[str, Sample]],
+                                                           capsys: pytest.CaptureFixture) -> None:
+    from flows.cli import main
+
+    folder, _ = shard_set
+    assert main(["verify", str(folder), "--deep"]) == 0
+    assert capsys.readouterr().out.strip() == f"{folder}: 3 shards, 11 samples: every shard matches the manifest"
+    flip_member_header(folder / shard_filename(NAME, 1), 2)
+    assert main(["verify", str(folder)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"{folder}: toy-000001.tar: sha256") and lines[-1] == f"{folder}: 1 problem"
+    assert main(["verify", str(folder / "nothing")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

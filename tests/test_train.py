@@ -131,7 +131,6 @@ def test_gradient_accumulation_gives_the_full_batch_update(baseline: dict, shard
     assert read_log(tmp_path)[-1]["clip"] == pytest.approx(read_log(baseline["out"])[-1]["clip"], rel=1e-5)
 
 
-@pytest.mark.slow
 def test_two_processes_give_the_weights_of_one(baseline: dict, shards: str, model_path: Path,
                                                tmp_path: Path) -> None:
     config = tmp_path / "cfg.yaml"
@@ -266,3 +265,139 @@ def test_a_training_checkpoint_is_evaluated_and_cleaned_with_its_architecture_na
     result = clean(replace(CFG, steps=1), checkpoint, shards, tmp_path / "again", architecture="tiny-test",
                    progress=False)
     assert result["finished"] and load_model(weights=tmp_path / "again").architecture == "tiny-test"
+
+
+class PlantedPayload:
+    """Unpickling this creates `path`: the sentinel of code run from a checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture(scope="module")
+def stopped_run(shards: str, model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CFG run stopped (checkpointed) after 2 steps, to copy and tamper with."""
+    out = tmp_path_factory.mktemp("stopped")
+    clean(CFG, model_path, shards, out, stop_after=2, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+@pytest.mark.parametrize("name", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"])
+def test_resume_runs_no_code_planted_in_a_checkpoint(stopped_run: Path, shards: str, model_path: Path,
+                                                     tmp_path: Path, name: str, writer: str) -> None:
+    import pickle
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(stopped_run, out)
+    sentinel = tmp_path / "payload-ran"
+    state = {"state": {}, "param_groups": [], "payload": PlantedPayload(sentinel)}
+    target = out / "checkpoints" / "checkpoint-2" / name
+    if writer == "torch.save":
+        torch.save(state, target)
+    else:
+        target.write_bytes(pickle.dumps(state))
+    try:
+        clean(CFG, model_path, shards, out, progress=False)  # resumes without the file, or refuses it
+    except ValueError as err:
+        assert name in str(err) and "\n" not in str(err)
+    finally:
+        assert not sentinel.exists(), f"resume ran code planted in {name}"
+
+
+def flip_caption_byte(tar: Path) -> None:
+    """Change one letter of the first caption in `tar`: the tar still reads, its sha256 no longer matches."""
+    import tarfile
+
+    with tarfile.open(tar) as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith(".txt"))
+    data = bytearray(tar.read_bytes())
+    data[member.offset_data] = ord("A") if data[member.offset_data] != ord("A") else ord("B")
+    tar.write_bytes(bytes(data))
+
+
+def test_clean_checks_every_shard_against_the_manifest(shards: str, model_path: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    tar = sorted(copy.glob("*.tar"))[1]
+    flip_caption_byte(tar)
+    with pytest.raises(ValueError, match=f"{tar.name}: sha256 .* differs from the manifest's"):
+        clean(replace(CFG, steps=1), model_path, copy, tmp_path / "fail", progress=False)
+    assert not (tmp_path / "fail" / "checkpoints").exists()
+    skip = replace(CFG, steps=1, data=replace(CFG.data, on_error="skip"))
+    result = clean(skip, model_path, copy, tmp_path / "skip", progress=False)
+    assert result["data_errors"]["shards_failing_sha256"] == 1
+    assert json.loads((tmp_path / "skip" / "result.json").read_text())["data_errors"] == result["data_errors"]
+
+
+def test_skip_counts_go_into_result_json_and_the_report(shards: str, model_path: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from cleaning.report import Report
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    tar = sorted(copy.glob("*.tar"))[0]
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # the rest of this shard is lost
+    skip = replace(CFG, steps=2, data=replace(CFG.data, on_error="skip"))
+    result = clean(skip, model_path, copy, tmp_path / "out", progress=False)
+    errors = result["data_errors"]
+    assert errors["damaged_shards"] >= 1 and errors["samples_skipped"] > 0 and errors["shards_failing_sha256"] == 1
+    numbers = {"clean_acc": 50.0, "asr": {}, "eval_images": 10, "chance_acc": 10.0}
+    Report(before=numbers, after=numbers).write(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["data_errors"] == errors
+    assert f"samples skipped: {errors['samples_skipped']}" in (tmp_path / "out" / "report.md").read_text()
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "whole" / "result.json").write_text(json.dumps({"data_errors": dict.fromkeys(errors, 0)}))
+    Report(before=numbers, after=numbers).write(tmp_path / "whole")
+    assert "Damaged data" not in (tmp_path / "whole" / "report.md").read_text()
+
+
+def test_every_file_written_follows_the_umask(baseline: dict) -> None:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    out = baseline["out"]
+    files = [out / "model.safetensors", *sorted((out / "checkpoints").rglob("*.*"))]
+    assert len(files) > 3
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+
+
+def test_weight_decay_reaches_matrices_only(shards: str, model_path: Path, tmp_path: Path) -> None:
+    # One step from the same weights: the same gradients, so only the decay can make the two runs differ.
+    for decay in (0.0, 100.0):
+        clean(replace(CFG, steps=1, weight_decay=decay), model_path, shards, tmp_path / str(decay), progress=False)
+    plain, decayed = (load_file(tmp_path / name / "model.safetensors") for name in ("0.0", "100.0"))
+    vectors = [name for name, tensor in plain.items() if tensor.ndim < 2 and name != "logit_scale"]
+    matrices = [name for name, tensor in plain.items() if tensor.ndim >= 2]
+    assert len(vectors) > 10 and all(torch.equal(plain[name], decayed[name]) for name in vectors)
+    assert all(not torch.equal(plain[name], decayed[name]) for name in matrices)
+
+
+def test_the_trainer_caps_the_perturbation_at_the_configs_tau(baseline: dict, shards: str, model_path: Path,
+                                                                tmp_path: Path) -> None:
+    below = read_log(baseline["out"])[1]  # tau 2.15: both distances below it, both count
+    assert below["pert"] == pytest.approx(0.5 * (below["d_img"] + below["d_txt"]), rel=1e-5) and below["pert"] > 0
+    clean(replace(CFG, steps=2, tau=1e-9), model_path, shards, tmp_path, progress=False)
+    above = read_log(tmp_path)[1]  # tau 1e-9: both distances above it, neither counts
+    assert above["d_img"] > 1e-6 and above["d_txt"] > 1e-6 and above["pert"] == 0
+
+
+def test_a_checkpoint_from_before_scheduler_json_still_resumes(baseline: dict, stopped_run: Path, shards: str,
+                                                                model_path: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(stopped_run, out)
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    state = json.loads((checkpoint / "scheduler.json").read_text())
+    (checkpoint / "scheduler.json").unlink()
+    torch.save(state, checkpoint / "custom_checkpoint_0.pkl")  # where Accelerate kept it (register_for_checkpointing)
+    assert clean(CFG, model_path, shards, out, progress=False)["resumed_from"] == 2
+    assert_same_weights(load_file(out / "model.safetensors"), baseline["weights"], atol=1e-6)
