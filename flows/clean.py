@@ -92,8 +92,8 @@ def launch_accelerate(cfg: CleanConfig, model: str, shards: str, out_dir: str, n
     logger.info("launching: %s", " ".join(command))
     completed = subprocess.run(command, env=dict(os.environ), check=False)
     if completed.returncode != 0:
-        raise RuntimeError(f"accelerate launch exited with {completed.returncode}; its output is in the flow log "
-                           f"above. A rerun resumes from the latest checkpoint in {out}")
+        raise ChildProcessError(f"accelerate launch exited with {completed.returncode}; its output is in the flow "
+                                f"log above. A rerun resumes from the latest checkpoint in {out}")
     return json.loads((out / "result.json").read_text())
 
 

@@ -29,6 +29,7 @@ from flows.progress import GenerationWatcher, ImageCounter, artifact_key
 from generation.config import GenerateConfig
 from generation.run import (
     check_output_folder,
+    config_sha256,
     generate_shard,
     record_config,
     run_summary,
@@ -115,7 +116,7 @@ def generate_shard_task(
 ) -> dict[str, Any]:
     """Generate shard `index` unless it is already complete; return a small record (never images)."""
     cfg = from_dict(GenerateConfig, config, source="<generate config>")
-    if shard_is_complete(out_dir, cfg.name, index, len(captions)):
+    if shard_is_complete(out_dir, cfg.name, index, len(captions), config_sha256(cfg)):
         return {"index": index, "written": False}
     pipe, lock = cached_pipeline(cfg)
     with lock, _gpu_slot(gpu_limit):  # this process's turn first, then a GPU slot
@@ -160,7 +161,9 @@ def generate_shards_flow(
     plan = shard_plan(cfg)  # the caption list, computed once
     settings = to_dict(cfg)
     shard_task = generate_shard_task.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
-    todo = [(i, captions) for i, captions in enumerate(plan) if not shard_is_complete(out, cfg.name, i, len(captions))]
+    made_by = config_sha256(cfg)
+    todo = [(i, captions) for i, captions in enumerate(plan)
+            if not shard_is_complete(out, cfg.name, i, len(captions), made_by)]
     total, already = cfg.num_samples, cfg.num_samples - sum(len(captions) for _, captions in todo)
     counters = Path(out) / PROGRESS_FOLDER
     shutil.rmtree(counters, ignore_errors=True)

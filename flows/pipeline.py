@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from flows.clean import clean_model_flow, publish_report_task
-from flows.config import PipelineConfig, load_pipeline_config
+from flows.config import PipelineConfig, load_pipeline_config, pipeline_outputs_locked
 from flows.generate import generate_shards_flow
 from flows.progress import artifact_key
 from generation.config import GenerateConfig
@@ -111,7 +112,12 @@ def sample_grid_task(shards: str, count: int, artifact_prefix: str = "pipeline")
 def data_free_clean_flow(pipeline_config: str | dict | PipelineConfig, overrides: dict | None = None) -> str:
     """Generate (or reuse) the shard set, clean the model on it, evaluate and report; returns report.md's path."""
     cfg = load_pipeline_config(pipeline_config, overrides)
-    prefix = pipeline_name(pipeline_config)
+    # Re-entrant: `parclean run` and `demo` hold these locks already; a served or deployed run takes them here.
+    with pipeline_outputs_locked(cfg, f"data-free-clean flow run {flow_run.get_id()}"):
+        return _data_free_clean(cfg, pipeline_name(pipeline_config))
+
+
+def _data_free_clean(cfg: PipelineConfig, prefix: str) -> str:
     generate = to_dict(cfg.generate)
     generator = prepare_generator_task(generate, to_dict(cfg.tiny_sd) if cfg.tiny_sd else None)
     shards = locate_shards_task(generate, cfg.shard_cache)
@@ -128,13 +134,13 @@ def data_free_clean_flow(pipeline_config: str | dict | PipelineConfig, overrides
         sample_grid_task(shards["folder"], cfg.sample_grid, prefix)
     out = run_folder(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    write_resolved(cfg, out / "pipeline.yaml")
     extra = {"generator": generator, "bank": cfg.generate.bank, "generation seed": cfg.generate.seed,
              "shard set reused": shards["complete"], "shards generated": summary["shards_written"]}
     clean_model_flow(cfg.model, shards["folder"], to_dict(cfg.clean), to_dict(cfg.eval), str(out),
                      launcher=cfg.launch.launcher, num_processes=cfg.launch.num_processes,
                      accelerate_args=list(cfg.launch.accelerate_args), extra_settings=extra,
                      extra_timings={"generate": summary["seconds"]}, artifact_prefix=prefix, publish=False)
+    write_resolved(cfg, out / "pipeline.yaml")  # once the run got past every check
     # Published here, so the run the terminal links to shows the result.
     report = publish_report_task(str(out), prefix)
     logger.info("%s; report: %s", result_line(out), report)
