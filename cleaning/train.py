@@ -45,6 +45,7 @@ from cleaning.losses import (
     par_loss,
 )
 from cleaning.models import LoadedModel, load_model, save_model
+from parclean import console
 from parclean.config import to_dict, write_resolved
 from parclean.outputs import follow_umask, output_lock
 
@@ -590,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cleaning.train", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    console.configure(verbose=False)  # our lines; Accelerate's per-checkpoint lines only with `parclean -v`
     try:
         return run(args)
     except (ValueError, FileNotFoundError, OSError) as err:
