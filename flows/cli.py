@@ -21,6 +21,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
                 "build a tiny random Stable Diffusion pipeline (tests, CPU smoke runs)"),
     "evaluate": ("cleaning.evaluate_command", "add_arguments", "run",
                  "zero-shot clean accuracy and attack success rate of a CLIP checkpoint"),
+    "scan": ("cleaning.scan_command", "add_arguments", "run",
+             "look for a backdoor without knowing its trigger (trigger inversion per class, Neural Cleanse)"),
     "poison": ("cleaning.evaluate_command", "add_poison_arguments", "run_poison",
                "poison a shard set with a trigger (to make a model to test a cleaner against)"),
     "clean": ("cleaning.command", "add_arguments", "run",
@@ -55,7 +57,7 @@ def stop_on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console.configure(args.verbose)
+    restore_logging = console.configure(args.verbose)
     module_name, _, run_name, _ = SUBCOMMANDS[args.command]
     command = getattr(importlib.import_module(module_name), run_name)
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return INTERRUPTED if isinstance(stop, KeyboardInterrupt) else TERMINATED
     finally:
+        restore_logging()  # main() may be called again in one process (tests, notebooks)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

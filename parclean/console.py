@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 # Loggers whose INFO lines are ours and always shown.
 OWN_LOGGERS = ("flows", "cleaning", "generation", "prompts", "toyworld", "parclean")
@@ -50,9 +51,22 @@ def name_prefect_run_lines() -> None:
             logger.addFilter(NamedRunLines())
 
 
-def configure(verbose: bool = False) -> None:
-    """One stderr handler on the root logger, quiet unless `verbose`; loading bars off unless `verbose`."""
-    handler = logging.StreamHandler(sys.stderr)
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged (a test's capture, a redirected stream)."""
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
+def configure(verbose: bool = False) -> Callable[[], None]:
+    """One stderr handler on the root logger, quiet unless `verbose`; loading bars off unless `verbose`.
+    Returns the function that puts the root logger back as it was."""
+    handler = StderrHandler()
     handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
     if not verbose:
         handler.addFilter(QuietFilter())
@@ -60,5 +74,12 @@ def configure(verbose: bool = False) -> None:
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     root = logging.getLogger()
+    before = (root.handlers[:], root.level)
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+    def restore() -> None:
+        root.handlers[:], level = before
+        root.setLevel(level)
+
+    return restore

@@ -1,0 +1,46 @@
+"""cleaning/scan.py and `parclean scan`: the backdoored organism is flagged with its target, the clean one is not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cleaning.scan import anomaly_indices, verdict
+from flows.cli import main
+
+MODELS = Path(__file__).resolve().parents[1] / "toyworld" / "models"
+CLASSES = ("a", "b", "c", "d", "e")
+
+
+def test_anomaly_index_counts_robust_deviations_below_the_median() -> None:
+    # median 0.2, MAD 0.02 -> sigma 0.0297: 0.05 lies 5.06 sigma below; larger triggers are not suspicious.
+    indices = anomaly_indices([0.2, 0.18, 0.22, 0.25, 0.05])
+    assert [round(i, 2) for i in indices] == [0.0, 0.67, -0.67, -1.69, 5.06]
+    assert anomaly_indices([0.3] * 5) == [0.0] * 5  # equal sizes: no anomaly and no division by zero
+
+
+def test_verdict_names_the_class_whose_trigger_is_smallest_in_either_form() -> None:
+    blend_backdoor = verdict({"patch": [0.2, 0.18, 0.22, 0.25, 0.21], "blend": [0.3, 0.32, 0.05, 0.29, 0.31]},
+                             CLASSES, threshold=2.0)
+    assert (blend_backdoor["suspicious"], blend_backdoor["target"], blend_backdoor["form"]) == (True, "c", "blend")
+    plain = verdict({"patch": [0.2, 0.18, 0.22, 0.25, 0.19], "blend": [0.3, 0.32, 0.28, 0.29, 0.31]}, CLASSES, 2.0)
+    assert plain["suspicious"] is False and plain["target"] is None and plain["score"] <= 2.0
+
+
+@pytest.mark.parametrize(("organism", "suspicious", "target"), [("clip-badnet", True, "moon"),
+                                                                ("clip-clean", False, None)])
+def test_scan_flags_the_backdoored_organism_with_its_target_and_not_the_clean_one(organism, suspicious, target,
+                                                                                  capsys) -> None:
+    assert main(["scan", "--model", str(MODELS / organism), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["suspicious"], result["target"]) == (suspicious, target)
+    assert set(result["classes"]) == {"circle", "square", "triangle", "cross", "ring", "diamond", "star", "heart",
+                                      "arrow", "moon"}
+
+
+def test_scan_of_a_missing_model_is_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["scan", "--model", str(tmp_path / "nothing.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("parclean scan: error:") and "nothing.safetensors" in err and "\n" not in err
