@@ -1,6 +1,7 @@
 """Summarise the shipped organisms: a Markdown table from their cards and one plot of their training curves.
 
     python -m toyworld.cards            # prints the table for docs/organism.md, writes docs/organism-curves.png
+    python -m toyworld.cards v2 out/v2-plateau-check   # the v2 set: docs/organism-v2-curves.png, -v2-base.png
 """
 
 from __future__ import annotations
@@ -56,10 +57,38 @@ def plot(found: dict[str, dict], png: Path, models: Path = MODELS) -> None:
     plt.close(fig)
 
 
-def main() -> int:
-    found = cards()
+def plot_base_curve(png: Path, plateau_check: Path | None = None, models: Path = MODELS) -> None:
+    """The v2 base's whole pretraining: v1's 3,000 steps, v2's 6,000 more, and the plateau check after them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [("v1 clip-clean (2,000 eval images)", models / "clip-clean", 0),
+             ("v2 clip-clean, trained on (5,000 eval images)", models / "v2" / "clip-clean", 3000)]
+    if plateau_check is not None and (plateau_check / "curve.jsonl").is_file():
+        parts.append(("plateau check: 10% more samples at lr 1e-4", plateau_check, 9000))
+    fig, axis = plt.subplots(figsize=(7, 3.5))
+    for label, folder, offset in parts:
+        points = [json.loads(line) for line in (folder / "curve.jsonl").read_text().splitlines()]
+        axis.plot([offset + p["step"] for p in points], [p["clean_acc"] for p in points], marker=".", label=label)
+    axis.set(title="clean base: zero-shot accuracy (%) over its pretraining", xlabel="step (x 256 pairs)")
+    axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     docs = Path(__file__).parent.parent / "docs"
-    plot(found, docs / "organism-curves.png")
+    if argv[:1] == ["v2"]:  # python -m toyworld.cards v2 [PLATEAU_CHECK_FOLDER]
+        found = cards(MODELS / "v2")
+        plot(found, docs / "organism-v2-curves.png", MODELS / "v2")
+        plot_base_curve(docs / "organism-v2-base.png", Path(argv[1]) if len(argv) > 1 else None)
+    else:
+        found = cards()
+        plot(found, docs / "organism-curves.png")
     print(table(found))
     return 0
 
