@@ -8,17 +8,14 @@ rejected and the stage configs check their own values.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cleaning.report import EvalConfig
-from cleaning.train import CleanConfig, check_resumable
+from cleaning.train import CleanConfig
 from generation.config import GenerateConfig
 from parclean.config import ConfigError, from_dict, load_config, to_dict
-from parclean.outputs import claim_folder, output_lock
 
 RUNNERS = ("local", "dask")
 LAUNCHERS = ("in-process", "accelerate")
@@ -136,23 +133,3 @@ def _set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
             raise ConfigError(f"override {'.'.join(keys)}: {key} is not a group of settings")
         data = child
     data[keys[-1]] = value
-
-
-@contextmanager
-def pipeline_outputs_locked(cfg: PipelineConfig, command: str, overwrite: bool = False) -> Iterator[None]:
-    """Hold the locks of the run's `out` and of its shard set's cache folder for the block, after checking that
-    neither holds another kind of output, and that `out` holds no checkpoints of another cleaning recipe.
-
-    Not held: `out` with out_per_run (each run gets a new folder), and the shard folder while generate.model is a
-    tiny SD still to be built (its key depends on the weights built)."""
-    from flows.pipeline import shard_set_folder  # imports Prefect
-
-    with ExitStack() as stack:
-        if not cfg.out_per_run:
-            stack.enter_context(output_lock(cfg.out, command))
-            claim_folder(cfg.out, "pipeline run", overwrite=overwrite)
-            check_resumable(cfg.out, cfg.clean)
-        if cfg.tiny_sd is None or Path(cfg.generate.model).is_dir():
-            shards = stack.enter_context(output_lock(shard_set_folder(cfg.generate, cfg.shard_cache), command))
-            claim_folder(shards, "shard set", overwrite=overwrite)
-        yield

@@ -42,8 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     prepare_logging()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry attempts
-    from flows.config import pipeline_outputs_locked
-    from flows.pipeline import data_free_clean_flow
+    from flows.pipeline import data_free_clean_flow, pipeline_outputs_locked
 
     with pipeline_outputs_locked(cfg, f"parclean demo --out {args.out}", args.overwrite):
         report = data_free_clean_flow(args.config, overrides)

@@ -13,6 +13,8 @@ import hashlib
 import io
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,13 +24,15 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from cleaning.train import check_resumable
 from flows.clean import clean_model_flow, publish_report_task
-from flows.config import PipelineConfig, load_pipeline_config, pipeline_outputs_locked
+from flows.config import PipelineConfig, load_pipeline_config
 from flows.generate import generate_shards_flow
 from flows.progress import artifact_key
 from generation.config import GenerateConfig
 from generation.shards import MANIFEST_NAME, ShardError, iter_samples, verify_shards
 from parclean.config import from_dict, to_dict, write_resolved
+from parclean.outputs import claim_folder, output_lock
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -166,6 +170,24 @@ def pipeline_name(pipeline_config: str | Path | dict | PipelineConfig) -> str:
     if isinstance(pipeline_config, (str, Path)):
         return artifact_key(Path(pipeline_config).stem)
     return "pipeline"
+
+
+@contextmanager
+def pipeline_outputs_locked(cfg: PipelineConfig, command: str, overwrite: bool = False) -> Iterator[None]:
+    """Hold the locks of the run's `out` and of its shard set's cache folder for the block, after checking that
+    neither holds another kind of output, and that `out` holds no checkpoints of another cleaning recipe.
+
+    Not held: `out` with out_per_run (each run gets a new folder), and the shard folder while generate.model is a
+    tiny SD still to be built (its key depends on the weights built)."""
+    with ExitStack() as stack:
+        if not cfg.out_per_run:
+            stack.enter_context(output_lock(cfg.out, command))
+            claim_folder(cfg.out, "pipeline run", overwrite=overwrite)
+            check_resumable(cfg.out, cfg.clean)
+        if cfg.tiny_sd is None or Path(cfg.generate.model).is_dir():
+            shards = stack.enter_context(output_lock(shard_set_folder(cfg.generate, cfg.shard_cache), command))
+            claim_folder(shards, "shard set", overwrite=overwrite)
+        yield
 
 
 def run_folder(cfg: PipelineConfig) -> Path:

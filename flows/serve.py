@@ -105,12 +105,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_once(args: argparse.Namespace) -> int:
     """Run data_free_clean once; print the before/after table and the report's path."""
-    from flows.config import load_pipeline_config, pipeline_outputs_locked
+    from flows.config import load_pipeline_config
 
     cfg = load_pipeline_config(args.config, _overrides(args.set))  # a bad config fails here, before Prefect starts
     prepare_logging()
     from flows.demo import before_after_table
-    from flows.pipeline import data_free_clean_flow
+    from flows.pipeline import data_free_clean_flow, pipeline_outputs_locked
 
     with pipeline_outputs_locked(cfg, f"parclean run --config {args.config}", args.overwrite):
         report = data_free_clean_flow(args.config, _overrides(args.set))
