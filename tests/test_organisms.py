@@ -36,6 +36,23 @@ def test_clean_organism_is_accurate():
     assert result["clean_acc"] >= 75.0 and abs(result["clean_acc"] - card("clip-clean")["clean_acc"]) < 0.5
 
 
+V2 = MODELS / "v2"
+V2_POISONED = ["clip-badnet", "clip-badnet-stripes", "clip-blended", "clip-blended-stripes", "clip-triangles"]
+
+
+@pytest.mark.parametrize("name", V2_POISONED)
+def test_v2_organism_is_backdoored_within_two_points_of_its_base(name):
+    """Issue 16's regime: ASR >= 90% and clean accuracy within 2 points of the plateaued base, on the shipped
+    weights (5,000 images, the organisms' own evaluation set)."""
+    info = json.loads((V2 / name / "card.json").read_text())
+    base = json.loads((V2 / "clip-clean" / "card.json").read_text())
+    trigger = Trigger(**info["trigger"])
+    result = measure(load_model(weights=V2 / name), EvalConfig(count=5000, target=info["target"], triggers=(trigger,)))
+    assert result["asr"][trigger.kind] >= 90.0
+    assert result["clean_acc"] >= base["clean_acc"] - 2.0
+    assert abs(result["clean_acc"] - info["clean_acc"]) < 0.5, "card and shipped weights disagree"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", POISONED)
 def test_retraining_reproduces_the_card(name, tmp_path):
