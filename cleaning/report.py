@@ -137,6 +137,13 @@ class Report:
         md_path.write_text(self.markdown())
         return json_path, md_path
 
+    @classmethod
+    def read(cls, out_dir: str | Path) -> Report:
+        """The report that write() left in `out_dir` (report.json)."""
+        data = json.loads((Path(out_dir) / "report.json").read_text())
+        return cls(before=data["before"], after=data["after"], settings=data.get("settings", {}),
+                   timings=data.get("timings", {}), data_errors=data.get("data_errors"))
+
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(float(value), 1)

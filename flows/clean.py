@@ -114,8 +114,7 @@ def publish_report_task(out_dir: str, artifact_prefix: str) -> str:
     """The report of out_dir (table, ASR per trigger, training plot) as Markdown and table artifacts of this
     run, keyed `<artifact_prefix>-cleaning-report[-table]`; returns report.md's path."""
     out = Path(out_dir)
-    data = json.loads((out / "report.json").read_text())
-    report = Report(before=data["before"], after=data["after"], settings=data["settings"], timings=data["timings"])
+    report = Report.read(out)
     markdown = report.markdown()
     if (out / PLOT_NAME).is_file():
         markdown += "\n## Training\n\n" + _image_markdown(out / PLOT_NAME, "loss terms")

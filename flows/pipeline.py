@@ -24,6 +24,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from cleaning.report import Report
 from cleaning.train import check_resumable
 from flows.clean import clean_model_flow, publish_report_task
 from flows.config import PipelineConfig, load_pipeline_config
@@ -153,8 +154,8 @@ def _data_free_clean(cfg: PipelineConfig, prefix: str) -> str:
 
 def result_line(out: Path) -> str:
     """'clean accuracy 72.5% -> 70.1%, ASR badnet 100.0% -> 2.0%', from out/report.json."""
-    data = json.loads((out / "report.json").read_text())
-    before, after = data["before"], data["after"]
+    report = Report.read(out)
+    before, after = report.before, report.after
     parts = [f"clean accuracy {before['clean_acc']:.1f}% -> {after['clean_acc']:.1f}%"]
     parts += [f"ASR {name} {value:.1f}% -> {after['asr'].get(name, float('nan')):.1f}%"
               for name, value in before["asr"].items()]

@@ -282,6 +282,24 @@ def test_clean_flow_evaluates_cleans_and_publishes_the_report(finished_set: dict
     assert progress is not None and float(progress.data) == 100.0
 
 
+def test_published_report_keeps_the_damaged_data_section(tmp_path: Path) -> None:
+    from prefect import flow
+
+    from cleaning.report import Report
+    from flows.clean import publish_report_task
+
+    Report(before={"clean_acc": 72.5, "asr": {"badnet": 100.0}}, after={"clean_acc": 70.1, "asr": {"badnet": 2.0}},
+           data_errors={"shards_failing_sha256": 1, "samples_skipped": 3}).write(tmp_path)
+
+    @flow(name="publish-only")
+    def publish_only() -> None:
+        publish_report_task(str(tmp_path), "damaged")
+
+    publish_only()
+    markdown = latest_artifact("damaged-cleaning-report")
+    assert markdown is not None and "## Damaged data" in markdown.data and "samples skipped: 3" in markdown.data
+
+
 @pytest.mark.slow
 def test_clean_flow_launches_accelerate_over_two_processes(finished_set: dict, clip_path: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
