@@ -9,7 +9,8 @@ from pathlib import Path
 from parclean.config import load_config, parse_override
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --pretrained, --architecture, --eval, --set: the model to measure and its evaluation."""
     parser.add_argument("--model", required=True, help="checkpoint (.safetensors, or a folder holding "
                         "model.safetensors), or an open_clip architecture name with --pretrained")
     parser.add_argument("--pretrained", help="open_clip pretrained tag (needs the hub)")
@@ -17,21 +18,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "training checkpoint, a plain state dict), e.g. ViT-B-32")
     parser.add_argument("--eval", dest="eval_config", default=None, help="evaluation config YAML (configs/eval/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an eval setting")
+
+
+def model_and_eval(args: argparse.Namespace):
+    """(the loaded model, the EvalConfig) named by add_model_arguments' options."""
+    from cleaning.models import load_model
+    from cleaning.report import EvalConfig
+
+    cfg = load_config(EvalConfig, args.eval_config, dict(parse_override(s) for s in args.set))
+    if args.pretrained:
+        return load_model(args.model, pretrained=args.pretrained), cfg
+    return load_model(args.architecture, weights=args.model), cfg
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
     parser.add_argument("--out", type=Path, help="also write the result JSON here")
     parser.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an evaluate result")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cleaning.models import load_model
-    from cleaning.report import EvalConfig, measure
+    from cleaning.report import measure
 
-    cfg = load_config(EvalConfig, args.eval_config, dict(parse_override(s) for s in args.set))
     if args.out:
         check_result_file(args.out, args.overwrite)
-    if args.pretrained:
-        loaded = load_model(args.model, pretrained=args.pretrained)
-    else:
-        loaded = load_model(args.architecture, weights=args.model)
+    loaded, cfg = model_and_eval(args)
     result = measure(loaded, cfg)
     text = json.dumps(result, indent=2)
     print(text)

@@ -11,7 +11,6 @@ Only clean images, class names and templates are used; the eval config's trigger
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +19,6 @@ import torch.nn.functional as F
 
 from cleaning.evaluate import LabelledImages, normalize, zero_shot_classifier
 from cleaning.models import LoadedModel
-
-log = logging.getLogger(__name__)
 
 FORMS = ("patch", "blend")
 MAD_TO_SIGMA = 1.4826  # consistency constant: MAD * 1.4826 estimates a normal's standard deviation

@@ -7,17 +7,11 @@ import json
 import time
 from typing import Any
 
-from parclean.config import load_config, parse_override
+from cleaning.evaluate_command import add_model_arguments, model_and_eval
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint (.safetensors, or a folder holding "
-                        "model.safetensors), or an open_clip architecture name with --pretrained")
-    parser.add_argument("--pretrained", help="open_clip pretrained tag (needs the hub)")
-    parser.add_argument("--architecture", help="architecture of a checkpoint that does not name its own")
-    parser.add_argument("--eval", dest="eval_config", default=None,
-                        help="evaluation config YAML (images, class names, templates; its triggers are ignored)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an eval setting")
+    add_model_arguments(parser)  # the eval config gives images, class names, templates; its triggers are ignored
     parser.add_argument("--threshold", type=float, default=2.0, help="anomaly index that flags a class (default 2, "
                         "Neural Cleanse's)")
     parser.add_argument("--steps", type=int, default=None, help="optimisation steps per class and trigger form")
@@ -26,17 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cleaning.models import load_model
-    from cleaning.report import EvalConfig, load_images
+    from cleaning.report import load_images
     from cleaning.scan import ScanConfig, scan
 
-    eval_cfg = load_config(EvalConfig, args.eval_config, dict(parse_override(s) for s in args.set))
     scan_cfg = ScanConfig(threshold=args.threshold, seed=args.seed,
                           **({"steps": args.steps} if args.steps is not None else {}))
-    if args.pretrained:
-        loaded = load_model(args.model, pretrained=args.pretrained)
-    else:
-        loaded = load_model(args.architecture, weights=args.model)
+    loaded, eval_cfg = model_and_eval(args)
     start = time.perf_counter()
     result = scan(loaded, load_images(eval_cfg, loaded.image_size), scan_cfg, eval_cfg.templates)
     result["seconds"] = round(time.perf_counter() - start, 1)

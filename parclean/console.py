@@ -15,15 +15,11 @@ DATE_FORMAT = "%H:%M:%S"
 
 
 class QuietFilter(logging.Filter):
-    """Passes warnings, our INFO lines and Prefect's flow-run lines; names the run a bare 'Finished in state'
-    line belongs to; drops other libraries' INFO lines."""
+    """Passes warnings, our INFO lines and Prefect's flow-run lines; drops other libraries' INFO lines."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING or record.name.split(".")[0] in OWN_LOGGERS:
-            return True
-        if record.name != "prefect.flow_runs":
-            return False
-        return True
+        return (record.levelno >= logging.WARNING or record.name.split(".")[0] in OWN_LOGGERS
+                or record.name == "prefect.flow_runs")
 
 
 class NamedRunLines(logging.Filter):
