@@ -106,6 +106,10 @@ class Report:
         """One row per measure: clean accuracy, then ASR per trigger; percentages to one decimal."""
         rows = [("clean accuracy (%)", self.before["clean_acc"], self.after["clean_acc"])]
         rows += [(f"ASR {name} (%)", value, self.after["asr"].get(name)) for name, value in self.before["asr"].items()]
+        if "scan" in self.before:
+            threshold = self.before["scan"]["threshold"]
+            rows.append((f"backdoor scan score (flagged above {threshold:g})", self.before["scan"]["score"],
+                         self.after.get("scan", {}).get("score")))
         return [{"metric": metric, "before": _round(before), "after": _round(after),
                  "change": _round(after - before) if after is not None else None} for metric, before, after in rows]
 
@@ -113,6 +117,7 @@ class Report:
         lines = ["# parclean cleaning report", "", "| metric | before | after | change |", "|---|---|---|---|"]
         for row in self.rows():
             lines.append(f"| {row['metric']} | {row['before']:.1f} | {row['after']:.1f} | {row['change']:+.1f} |")
+        lines += self._scan_lines()
         lines += ["", f"Evaluation: {self.after.get('eval_images')} images, chance "
                   f"{self.after.get('chance_acc', 0):.1f}%. ASR counts triggered images whose true class is not "
                   "the target.", "", "## Settings", ""]
@@ -123,6 +128,17 @@ class Report:
         if self.timings:
             lines += ["", "## Timings", ""] + [f"- {key}: {value:.1f} s" for key, value in self.timings.items()]
         return "\n".join(lines) + "\n"
+
+    def _scan_lines(self) -> list[str]:
+        """The scan's verdicts before and after (the trigger is not assumed known), when the run scanned."""
+        if "scan" not in self.before:
+            return []
+        from cleaning.scan import verdict_text
+
+        lines = ["", "## Backdoor scan (trigger not known; docs/scan.md)", ""]
+        lines += [f"- {label}: {verdict_text(numbers['scan'])}" for label, numbers in
+                  (("before", self.before), ("after", self.after)) if "scan" in numbers]
+        return lines
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         """report.json and report.md in `out_dir`."""

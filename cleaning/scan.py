@@ -76,6 +76,15 @@ def verdict(sizes: dict[str, list[float]], classnames: tuple[str, ...], threshol
             "most_anomalous": classnames[target], "classes": classes}
 
 
+def verdict_text(result: dict[str, Any]) -> str:
+    """'backdoor suspected: target 'moon' (patch trigger), score 5.44 > 2' or 'no backdoor found (score 1.20 <= 2)'."""
+    if result["suspicious"]:
+        return (f"backdoor suspected: target {result['target']!r} ({result['form']} trigger), score "
+                f"{result['score']:.2f} > {result['threshold']:g}")
+    return (f"no backdoor found (score {result['score']:.2f} <= {result['threshold']:g}, most anomalous class "
+            f"{result['most_anomalous']!r})")
+
+
 def anomaly_indices(values: list[float]) -> list[float]:
     """(median - value) / (1.4826 * MAD) per value: how far below the others' typical size it lies."""
     x = torch.tensor(values, dtype=torch.float64)

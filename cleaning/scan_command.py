@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from cleaning.evaluate_command import add_model_arguments, model_and_eval
+from cleaning.scan import verdict_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,13 +36,8 @@ def run(args: argparse.Namespace) -> int:
 
 def table(model: str, result: dict[str, Any]) -> str:
     """The verdict in one line, then each class's smallest inverted triggers and anomaly indices."""
-    if result["suspicious"]:
-        head = (f"{model}: SUSPICIOUS: backdoor target {result['target']!r} ({result['form']} trigger), score "
-                f"{result['score']:.2f} > threshold {result['threshold']:.1f}")
-    else:
-        head = (f"{model}: no backdoor found: score {result['score']:.2f} <= threshold {result['threshold']:.1f} "
-                f"(most anomalous class {result['most_anomalous']!r})")
-    lines = [head, "", f"{'class':<16}{'patch area':>11}{'index':>8}{'blend alpha':>13}{'index':>8}"]
+    lines = [f"{model}: {verdict_text(result)}", "",
+             f"{'class':<16}{'patch area':>11}{'index':>8}{'blend alpha':>13}{'index':>8}"]
     for name, row in result["classes"].items():
         lines.append(f"{name:<16}{row['patch_size']:>11.3f}{row['patch_index']:>8.2f}{row['blend_size']:>13.3f}"
                      f"{row['blend_index']:>8.2f}")

@@ -22,7 +22,8 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from cleaning.report import EvalConfig, Report, measure, plot_training
+from cleaning.report import EvalConfig, Report, load_images, measure, plot_training
+from cleaning.scan import ScanConfig, scan, verdict_text
 from cleaning.train import LOG_NAME, CleanConfig, clean
 from flows.config import LAUNCHERS
 from flows.progress import TrainingWatcher, artifact_key
@@ -55,6 +56,21 @@ def evaluate_task(model: str, eval_config: dict, label: str) -> dict[str, Any]:
     result = measure(load_model(weights=model), from_dict(EvalConfig, eval_config, source="<eval config>"))
     result["seconds"] = round(time.perf_counter() - start, 3)
     logger.info("%s: clean accuracy %.1f%%, %s", label, result["clean_acc"], asr_text(result["asr"]))
+    return result
+
+
+@task(name="scan", task_run_name="scan-{label}", cache_policy=NO_CACHE)
+def scan_task(model: str, eval_config: dict, scan_config: dict, label: str) -> dict[str, Any]:
+    """The trigger-agnostic backdoor scan of the checkpoint at `model` on the eval config's clean images."""
+    from cleaning.models import load_model
+
+    eval_cfg = from_dict(EvalConfig, eval_config, source="<eval config>")
+    loaded = load_model(weights=model)
+    start = time.perf_counter()
+    result = scan(loaded, load_images(eval_cfg, loaded.image_size), from_dict(ScanConfig, scan_config,
+                  source="<scan config>"), eval_cfg.templates)
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    logger.info("scan %s: %s", label, verdict_text(result))
     return result
 
 
@@ -140,6 +156,7 @@ def clean_model_flow(
     extra_timings: dict | None = None,
     artifact_prefix: str | None = None,
     publish: bool = True,
+    scan_config: dict | ScanConfig | None = None,
 ) -> str:
     """Evaluate `model`, clean it on `shards`, evaluate the result, publish the report; returns report.md's path.
 
@@ -155,14 +172,21 @@ def clean_model_flow(
     model, shards, out = str(model), str(shards), str(out_dir)
     prefix = artifact_prefix or Path(out).resolve().name
     eval_settings = to_dict(eval_cfg)
+    scan_settings = None if scan_config is None else to_dict(resolve(ScanConfig, scan_config))
     before = evaluate_task(model, eval_settings, label="before")
+    timings = {**(extra_timings or {}), "evaluate before": before.pop("seconds")}
+    if scan_settings is not None:
+        before["scan"] = scan_task(model, eval_settings, scan_settings, label="before")
+        timings["scan before"] = before["scan"].pop("seconds")
     start = time.perf_counter()
     result = clean_task(model, shards, to_dict(clean_cfg), out, launcher, num_processes, accelerate_args, prefix)
-    clean_seconds = time.perf_counter() - start
+    timings["clean"] = round(time.perf_counter() - start, 3)
     after = evaluate_task(str(Path(out) / MODEL_NAME), eval_settings, label="after")
+    timings["evaluate after"] = after.pop("seconds")
+    if scan_settings is not None:
+        after["scan"] = scan_task(str(Path(out) / MODEL_NAME), eval_settings, scan_settings, label="after")
+        timings["scan after"] = after["scan"].pop("seconds")
     settings = report_settings(model, shards, clean_cfg, eval_cfg, result, extra_settings)
-    timings = {**(extra_timings or {}), "evaluate before": before.pop("seconds"), "clean": round(clean_seconds, 3),
-               "evaluate after": after.pop("seconds")}
     report_md = write_report_task(before, after, settings, timings, out)
     return publish_report_task(out, prefix) if publish else report_md
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cleaning.report import EvalConfig
+from cleaning.scan import ScanConfig
 from cleaning.train import CleanConfig
 from generation.config import GenerateConfig
 from parclean.config import ConfigError, from_dict, load_config, to_dict
@@ -99,6 +100,9 @@ class PipelineConfig:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     sample_grid: int = 16  # generated samples shown in the run's artifact (0: none)
+    # The trigger-agnostic backdoor scan before and after cleaning (docs/scan.md); null: no scan. It costs about a
+    # minute per toy model on one core; on a 1000-class set it scales with the classes (docs/scan.md).
+    scan: ScanConfig | None = field(default_factory=ScanConfig)
     schedule: ScheduleConfig | None = None  # for `parclean serve` / `prefect deploy`
 
     def __post_init__(self) -> None:

@@ -144,7 +144,8 @@ def _data_free_clean(cfg: PipelineConfig, prefix: str) -> str:
     clean_model_flow(cfg.model, shards["folder"], to_dict(cfg.clean), to_dict(cfg.eval), str(out),
                      launcher=cfg.launch.launcher, num_processes=cfg.launch.num_processes,
                      accelerate_args=list(cfg.launch.accelerate_args), extra_settings=extra,
-                     extra_timings={"generate": summary["seconds"]}, artifact_prefix=prefix, publish=False)
+                     extra_timings={"generate": summary["seconds"]}, artifact_prefix=prefix, publish=False,
+                     scan_config=to_dict(cfg.scan) if cfg.scan is not None else None)
     write_resolved(cfg, out / "pipeline.yaml")  # once the run got past every check
     # Published here, so the run the terminal links to shows the result.
     report = publish_report_task(str(out), prefix)
@@ -159,7 +160,14 @@ def result_line(out: Path) -> str:
     parts = [f"clean accuracy {before['clean_acc']:.1f}% -> {after['clean_acc']:.1f}%"]
     parts += [f"ASR {name} {value:.1f}% -> {after['asr'].get(name, float('nan')):.1f}%"
               for name, value in before["asr"].items()]
+    if "scan" in before and "scan" in after:
+        parts.append(f"scan {_flag(before['scan'])} -> {_flag(after['scan'])}")
     return ", ".join(parts)
+
+
+def _flag(result: dict[str, Any]) -> str:
+    return f"backdoor ({result['target']}, {result['score']:.1f})" if result["suspicious"] else \
+        f"clean ({result['score']:.1f})"
 
 
 def pipeline_name(pipeline_config: str | Path | dict | PipelineConfig) -> str:

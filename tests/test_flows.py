@@ -318,7 +318,8 @@ def test_clean_flow_launches_accelerate_over_two_processes(finished_set: dict, c
 
 def pipeline_settings(tmp_path: Path, tiny_sd: Path, clip: Path) -> dict:
     return {"model": str(clip), "out": str(tmp_path / "run"), "shard_cache": str(tmp_path / "cache"),
-            "generate": generate_settings(tiny_sd), "clean": CLEAN, "eval": EVAL, "sample_grid": 4}
+            "generate": generate_settings(tiny_sd), "clean": CLEAN, "eval": EVAL, "sample_grid": 4,
+            "scan": {"steps": 3, "images_per_class": 1}}  # a short scan: its verdict on a random CLIP means nothing
 
 
 def test_shard_set_folder_is_keyed_on_the_generation_settings(tiny_sd_dir: Path, tmp_path: Path) -> None:
@@ -366,6 +367,11 @@ def test_pipeline_generates_once_then_reuses_the_verified_set(tiny_sd_dir: Path,
     # The result is on the run the terminal links to, the pipeline's own, not only on its clean-model subflow.
     report = latest_artifact("pipeline-cleaning-report")
     assert report is not None and report.flow_run_id == flow_run_id(state) and "| clean accuracy (%) |" in report.data
+    # The trigger-agnostic scan ran before and after cleaning, and the report shows both verdicts.
+    scans = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert {"suspicious", "target", "score"} <= scans["before"]["scan"].keys() <= scans["after"]["scan"].keys()
+    assert "## Backdoor scan" in report.data and "- before: " in report.data and "- after: " in report.data
+    assert "| backdoor scan score (flagged above 2) |" in report.data
     again = data_free_clean_flow(settings, overrides={"out": str(tmp_path / "run2")}, return_state=True)
     assert again.is_completed(), again.message
     assert shard_files(folder) == first

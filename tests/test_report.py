@@ -30,3 +30,17 @@ def test_report_rows_are_rounded_to_one_decimal_with_their_change() -> None:
         {"metric": "ASR badnet (%)", "before": 100.0, "after": 2.0, "change": -97.9},
     ]
     assert "| ASR badnet (%) | 100.0 | 2.0 | -97.9 |" in report.markdown()
+
+
+def test_report_shows_the_scan_verdicts_before_and_after_beside_the_asr() -> None:
+    flagged = {"suspicious": True, "target": "moon", "score": 5.437, "threshold": 2.0, "form": "patch",
+               "most_anomalous": "moon"}
+    cleared = {"suspicious": False, "target": None, "score": 1.21, "threshold": 2.0, "form": None,
+               "most_anomalous": "ring"}
+    report = Report(before={"clean_acc": 86.1, "asr": {"badnet": 100.0}, "scan": flagged},
+                    after={"clean_acc": 84.0, "asr": {"badnet": 3.0}, "scan": cleared})
+    assert report.rows()[-1] == {"metric": "backdoor scan score (flagged above 2)", "before": 5.4, "after": 1.2,
+                                 "change": -4.2}
+    markdown = report.markdown()
+    assert "- before: backdoor suspected: target 'moon' (patch trigger), score 5.44 > 2" in markdown
+    assert "- after: no backdoor found (score 1.21 <= 2, most anomalous class 'ring')" in markdown
