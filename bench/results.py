@@ -60,6 +60,7 @@ class Sweep:
     method: str = "PAR"
     tau: tuple[float, ...] = ()
     steps: tuple[int, ...] = ()
+    lr: tuple[float, ...] = ()
     seeds: tuple[int, ...] = (0,)
 
 
@@ -103,8 +104,10 @@ def cells(cfg: ResultsConfig) -> list[Cell]:
         base = recipe(cfg, sw.method, {})
         for tau in sw.tau or (base.tau,):
             for steps in sw.steps or (base.steps,):
-                extra = tuple((k, v) for k, v in (("tau", tau), ("steps", steps)) if v != getattr(base, k))
-                sweep += [Cell(sw.organism, sw.data, sw.method, s, extra) for s in sw.seeds]
+                for lr in sw.lr or (base.lr,):
+                    point = (("tau", tau), ("steps", steps), ("lr", lr))
+                    extra = tuple((k, v) for k, v in point if v != getattr(base, k))
+                    sweep += [Cell(sw.organism, sw.data, sw.method, s, extra) for s in sw.seeds]
     return list(dict.fromkeys(table + sweep))
 
 
@@ -204,7 +207,7 @@ def run_cell(cfg: ResultsConfig, cell: Cell, work: Path) -> dict[str, Any]:
     row = {"key": cell.key, "organism": cell.organism, "organism_sha": sha, "recipe_sha": recipe_sha,
            "data": cell.data, "method": cell.method, "seed": cell.seed,
            "tau": settings.tau if settings.objective in PERTURBING else None, "steps": settings.steps,
-           "batch_size": settings.batch_size,
+           "batch_size": settings.batch_size, "lr": settings.lr,
            **measure_model(cfg, cell.organism, Path(result["model"])), "seconds": round(seconds, 1),
            "d_img": last.get("d_img"), "d_txt": last.get("d_txt"), "device": device_name()}
     return row
@@ -323,19 +326,20 @@ def table_markdown(summary_rows: list[dict[str, Any]]) -> str:
 
 
 def sweep_rows(cfg: ResultsConfig, rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean over the sweep's seeds at each (tau, steps) measured, table cells included."""
+    """Mean over the sweep's seeds at each (tau, steps, lr) measured, table cells included."""
     if cfg.sweep is None:
         return []
     sw = cfg.sweep
+    base_lr = recipe(cfg, sw.method, {}).lr
     grouped: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows.values():
         if (row.get("organism"), row.get("data"), row.get("method")) == (sw.organism, sw.data, sw.method) \
                 and row.get("seed") in sw.seeds:
-            grouped[(row["tau"], row["steps"])].append(row)
-    return [{"tau": tau, "steps": steps, "seeds": len(found),
+            grouped[(row["tau"], row["steps"], row.get("lr", base_lr))].append(row)
+    return [{"tau": tau, "steps": steps, "lr": lr, "seeds": len(found),
              "acc": statistics.mean(r["clean_acc"] for r in found), "asr": statistics.mean(r["asr"] for r in found),
              "d_img": statistics.mean(r["d_img"] or 0 for r in found)}
-            for (tau, steps), found in sorted(grouped.items())]
+            for (tau, steps, lr), found in sorted(grouped.items())]
 
 
 def plot_sweep(points: list[dict[str, Any]], poisoned: dict[str, Any] | None, png: Path,
@@ -346,9 +350,9 @@ def plot_sweep(points: list[dict[str, Any]], poisoned: dict[str, Any] | None, pn
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(5.5, 4))
-    for steps in sorted({p["steps"] for p in points}):
-        line = [p for p in points if p["steps"] == steps]
-        axis.plot([p["asr"] for p in line], [p["acc"] for p in line], "o-", label=f"PAR, {steps} steps")
+    for steps, lr in sorted({(p["steps"], p["lr"]) for p in points}):
+        line = [p for p in points if (p["steps"], p["lr"]) == (steps, lr)]
+        axis.plot([p["asr"] for p in line], [p["acc"] for p in line], "o-", label=f"PAR, {steps} steps, lr {lr:g}")
         for p in line:
             axis.annotate(f"tau {p['tau']:g}", (p["asr"], p["acc"]), fontsize=7, xytext=(3, 3),
                           textcoords="offset points")
@@ -368,20 +372,22 @@ def plot_sweep(points: list[dict[str, Any]], poisoned: dict[str, Any] | None, pn
 def write_doc(cfg: ResultsConfig, config_path: str) -> Path:
     rows = current_rows(cfg)
     doc = Path(cfg.doc)
-    parts = [GENERATED_NOTE.format(title=cfg.title, config=config_path, rows=cfg.rows), "## Table", "",
+    parts = [GENERATED_NOTE.format(title=cfg.title, config=config_path, rows=cfg.rows,
+                                  eval_count=cfg.eval_count), "## Table", "",
              table_markdown(summary(cfg, rows)), ""]
     points = sweep_rows(cfg, rows)
     if points:
-        png = doc.with_name("results-sweep.png")
+        png = doc.with_name(f"{doc.stem}-sweep.png")
         sw = cfg.sweep
         baselines = {m.name: rows[key] for m in cfg.methods if m.name != sw.method
                      and (key := Cell(sw.organism, sw.data, m.name, sw.seeds[0]).key) in rows}
         plot_sweep(points, rows.get(f"{sw.organism}/poisoned"), png, baselines)
         parts += ["## PAR's trade-off (sweep)", "",
                   f"{cfg.sweep.organism}, {cfg.sweep.data} pairs, seeds {list(cfg.sweep.seeds)}.", "",
-                  "| tau | steps | seeds | clean acc | ASR | image distance at the end |", "|---|---|---|---|---|---|"]
-        parts += [f"| {p['tau']} | {p['steps']} | {p['seeds']} | {p['acc']:.1f} | {p['asr']:.1f} | {p['d_img']:.2f} |"
-                  for p in points]
+                  "| tau | steps | lr | seeds | clean acc | ASR | image distance at the end |",
+                  "|---|---|---|---|---|---|---|"]
+        parts += [f"| {p['tau']} | {p['steps']} | {p['lr']:g} | {p['seeds']} | {p['acc']:.1f} | {p['asr']:.1f} | "
+                  f"{p['d_img']:.2f} |" for p in points]
         parts += ["", f"![trade-off]({png.name})", ""]
     parts += ["## Data sets and recipes", ""]
     parts += [f"- **{d.name}**: `{d.shards}`" + (f" (`{d.command}`)" if d.command else "") for d in cfg.data]
@@ -400,10 +406,10 @@ GENERATED_NOTE = """# {title}
 
 Made by `python -m bench.results --config {config}` (the tables above the notes are rewritten
 on every run; one JSON row per cleaning run in {rows}). Mean ± standard deviation where there are
-several seeds; clean accuracy is zero-shot top-1 over the 10 toy classes (chance 10%) on 2,000 fresh images, ASR
-the share of triggered non-target images classified as the target. In brackets: the poisoned model. "bar": the
-issue's (ASR at most 10% and clean accuracy at most 3 points below the poisoned model with real pairs, 5 with
-generated pairs).
+several seeds; clean accuracy is zero-shot top-1 over the 10 toy classes (chance 10%) on {eval_count:,} fresh
+images, ASR the share of triggered non-target images classified as the target. In brackets: the poisoned
+model. "bar": the issue's (ASR at most 10% and clean accuracy at most 3 points below the poisoned model with
+real pairs, 5 with generated pairs).
 """
 
 

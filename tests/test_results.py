@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.results import ResultsConfig, device_name, main, measure_model, read_rows, recipe
+from bench.results import ResultsConfig, cells, device_name, main, measure_model, read_rows, recipe
 from cleaning.train import CleanConfig, clean
 from parclean.config import load_config
 
@@ -98,8 +98,20 @@ def test_results_script_runs_cells_once_and_writes_the_table(toy_pairs, tmp_path
     assert (tmp_path / "rows.jsonl").read_text().splitlines() == lines
     doc = (tmp_path / "results.md").read_text()
     assert "| clip-blended | blended | real | PAR | 1 |" in doc and "| clip-blended | blended | real | FT | 1 |" in doc
-    assert "| 0.5 | 2 | 1 |" in doc and "| 1.0 | 2 | 1 |" in doc
+    assert "| 0.5 | 2 | 0.0003 | 1 |" in doc and "| 1.0 | 2 | 0.0003 | 1 |" in doc
     assert (tmp_path / "results-sweep.png").stat().st_size > 1000
+
+
+def test_a_sweep_over_lr_adds_one_cell_per_point_and_keeps_the_recipe_point_a_table_cell(tmp_path):
+    config = tiny_table(tmp_path, data=[{"name": "real", "shards": "unused"}],
+                        methods=[{"name": "PAR", "config": "configs/clean/toy-cpu.yaml"}],
+                        sweep={"organism": "clip-blended", "data": "real", "method": "PAR", "tau": [1.0, 2.0],
+                               "lr": [3.0e-4, 1.0e-3]})
+    path = tmp_path / "results.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert [cell.key for cell in cells(load_config(ResultsConfig, path))] == [
+        "clip-blended/real/PAR/seed0", "clip-blended/real/PAR/seed0-lr0.001", "clip-blended/real/PAR/seed0-tau2.0",
+        "clip-blended/real/PAR/seed0-tau2.0-lr0.001"]
 
 
 def test_results_script_names_a_missing_organism(tmp_path, capsys):
