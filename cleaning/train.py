@@ -38,6 +38,7 @@ from cleaning.losses import (
     DEFAULT_CLIP_WEIGHT,
     DEFAULT_INMODAL_WEIGHT,
     DEFAULT_TAU,
+    aligned_reference,
     cleanclip_loss,
     ft_loss,
     gather_features,
@@ -102,6 +103,10 @@ class CleanConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     threads: int = 0  # torch CPU threads per process; 0: torch's default (1 is faster on a busy CPU)
+    # A variant of PAR, not the paper's: the distance to the reference is taken after the rotation that best aligns
+    # the reference's embeddings with the current ones (losses.aligned_reference), so rotating the shared embedding
+    # space, which keeps every similarity and a backdoor, does not count as a perturbation (docs/results-v2.md).
+    align_reference: bool = False
     frozen: tuple[str, ...] = ()  # parameter-name prefixes kept fixed, e.g. ["visual.proj", "text_projection"]
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -405,6 +410,8 @@ def _objective(cfg: CleanConfig, features: list[tuple[Tensor, Tensor]], referenc
                logit_scale: float) -> tuple[Tensor, dict[str, Tensor]]:
     """The global batch's loss and its terms (every process computes the same values)."""
     (image, text), *others = [(gather_features(i), gather_features(t)) for i, t in features]
+    if reference is not None and cfg.align_reference:
+        reference = aligned_reference(image, text, *reference)
     if cfg.objective == "par":
         return par_loss(image, text, reference[0], reference[1], logit_scale, cfg.tau)
     if cfg.objective == "ft":

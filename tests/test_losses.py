@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cleaning.losses import (
+    aligned_reference,
     capped,
     cleanclip_loss,
     clip_loss,
@@ -144,3 +145,18 @@ def test_par_cleanclip_is_cleanclip_minus_the_capped_perturbation() -> None:
 def test_gather_is_identity_without_a_process_group() -> None:
     x = torch.randn(3, 4, requires_grad=True)
     assert gather_features(x) is x
+
+
+def test_aligned_reference_does_not_count_a_rotation_of_the_shared_space_as_a_perturbation() -> None:
+    gen = torch.Generator().manual_seed(0)
+    reference_image = F.normalize(torch.randn(32, 16, generator=gen), dim=-1)
+    reference_text = F.normalize(torch.randn(32, 16, generator=gen), dim=-1)
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen))
+    image, text = reference_image @ rotation, reference_text @ rotation  # every similarity kept
+    assert perturbation_distance(image, reference_image) > 1.0  # plain PAR: far away
+    aligned_image, aligned_text = aligned_reference(image, text, reference_image, reference_text)
+    assert perturbation_distance(image, aligned_image) < 1e-10 and perturbation_distance(text, aligned_text) < 1e-10
+    # A change of geometry still counts: noise on the images is measured after the alignment.
+    noisy = F.normalize(image + 0.3 * torch.randn(32, 16, generator=gen), dim=-1)
+    aligned_image, _ = aligned_reference(noisy, text, reference_image, reference_text)
+    assert perturbation_distance(noisy, aligned_image) > 0.05
