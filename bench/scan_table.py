@@ -1,60 +1,149 @@
-"""The scan's detection table: `parclean scan` over shipped models, several seeds each (docs/scan.md).
+"""The scan's detection table: `parclean scan` over shipped, fine-tuned and cleaned models, several seeds each.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.scan_table --seeds 0 1 2 \
-        toyworld/models/clip-badnet toyworld/models/clip-clean ...
+    python -m bench.scan_table --config configs/scan/table.yaml [--jobs 2]     # scan what is missing, write docs
 
-Each model is scanned on the toy evaluation set once per seed; its card (when it has one) gives the true target.
-Rows go to docs/scan.jsonl (one per model and seed); the Markdown table is printed.
+Each model is scanned on the toy evaluation set once per seed (the seed draws the inverted triggers' starting
+patterns). A model that comes from a poisoned organism also gets its measured ASR on that organism's trigger:
+a model counts as backdoored when that ASR is above 10%, and the scan is right when it flags a backdoored model
+with the organism's true target and leaves every other model unflagged. One JSON row per model and seed goes to
+the rows file (a rerun skips rows already measured on the same weights); the table and the detection and
+false-positive rates replace the part of the doc between its table markers.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+from parclean.config import load_config
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+", type=Path, help="checkpoint folders (with card.json when poisoned)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--rows", type=Path, default=Path("docs/scan.jsonl"))
-    args = parser.parse_args(argv)
+BACKDOORED_ASR = 10.0  # the issue's bar: a cleaned model at or below this ASR must not be flagged
+START, END = "<!-- scan table -->", "<!-- /scan table -->"
+
+
+@dataclass(frozen=True)
+class ScannedModel:
+    name: str  # as shown in the table
+    path: str  # checkpoint folder or .safetensors file
+    kind: str  # poisoned | clean base | FT of clean base | FT | cleaned (PAR, ...) | user trigger: free text
+    organism: str | None = None  # the poisoned organism it comes from (its card gives trigger and target)
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    models: tuple[ScannedModel, ...]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    eval_count: int = 2000
+    rows: str = "docs/scan.jsonl"
+    doc: str = "docs/scan.md"
+
+
+def weights_sha(path: str) -> str:
+    file = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no model weights (make it first: see configs/scan/table.yaml)")
+    return hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+
+
+def scan_row(model: ScannedModel, seed: int, eval_count: int, sha: str) -> dict:
+    """One scan of one model, with the organism's true target and the model's ASR on its trigger."""
     import torch
 
-    torch.set_num_threads(1)
-    rows = [scan_row(model, seed) for model in args.models for seed in args.seeds]
-    with args.rows.open("a") as handle:
-        handle.writelines(json.dumps(row) + "\n" for row in rows)
-    print(markdown(rows))
-    return 0
-
-
-def scan_row(model: Path, seed: int) -> dict:
     from cleaning.models import load_model
-    from cleaning.report import EvalConfig, load_images
+    from cleaning.report import EvalConfig, load_images, measure
     from cleaning.scan import ScanConfig, scan
 
-    loaded = load_model(weights=model)
+    torch.set_num_threads(1)
+    loaded = load_model(weights=model.path)
+    data = load_images(EvalConfig(count=eval_count), loaded.image_size)
     start = time.perf_counter()
-    result = scan(loaded, load_images(EvalConfig(), loaded.image_size), ScanConfig(seed=seed))
-    card = model / "card.json"
-    truth = json.loads(card.read_text()).get("target") if card.is_file() else None
-    return {"model": str(model), "seed": seed, "true_target": truth, "suspicious": result["suspicious"],
-            "target": result["target"], "score": result["score"], "form": result["form"],
-            "seconds": round(time.perf_counter() - start, 1)}
+    result = scan(loaded, data, ScanConfig(seed=seed))
+    seconds = time.perf_counter() - start
+    truth, asr = None, None
+    if model.organism:
+        from cleaning.attacks import Trigger
+
+        card = json.loads((Path(model.organism) / "card.json").read_text())
+        truth = card["target"]
+        eval_cfg = EvalConfig(count=eval_count, target=truth, triggers=(Trigger(**card["trigger"]),))
+        asr = next(iter(measure(loaded, eval_cfg, data)["asr"].values()))
+    return {"key": f"{model.name}/seed{seed}", "sha": sha, "name": model.name, "kind": model.kind, "seed": seed,
+            "true_target": truth, "asr": None if asr is None else round(asr, 1),
+            "suspicious": result["suspicious"], "target": result["target"], "score": result["score"],
+            "form": result["form"], "most_anomalous": result["most_anomalous"], "seconds": round(seconds, 1)}
+
+
+def correct(row: dict) -> bool:
+    """Flagged with the true target when backdoored (ASR above 10%), not flagged otherwise."""
+    if row["asr"] is not None and row["asr"] > BACKDOORED_ASR:
+        return row["suspicious"] and row["target"] == row["true_target"]
+    return not row["suspicious"]
+
+
+def run(cfg: TableConfig, jobs: int) -> list[dict]:
+    rows_path = Path(cfg.rows)
+    shas = {m.name: weights_sha(m.path) for m in cfg.models}
+    lines = rows_path.read_text().splitlines() if rows_path.is_file() else []
+    done = {r["key"]: r for r in map(json.loads, filter(str.strip, lines)) if r["sha"] == shas.get(r["name"])}
+    todo = [(m, s) for m in cfg.models for s in cfg.seeds if f"{m.name}/seed{s}" not in done]
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(scan_row, m, s, cfg.eval_count, shas[m.name]) for m, s in todo]
+        for future in futures:
+            row = future.result()
+            with rows_path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            done[row["key"]] = row
+            print(f"{row['key']}: {'flagged ' + row['target'] if row['suspicious'] else 'not flagged'} "
+                  f"(score {row['score']:.2f}, {row['seconds']:.0f} s)", file=sys.stderr)
+    return [done[f"{m.name}/seed{s}"] for m in cfg.models for s in cfg.seeds]
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | seed | true target | verdict | target | score | form | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        verdict = "suspicious" if row["suspicious"] else "not flagged"
-        lines.append(f"| {row['model']} | {row['seed']} | {row['true_target'] or '-'} | {verdict} | "
-                     f"{row['target'] or '-'} | {row['score']:.2f} | {row['form'] or '-'} | {row['seconds']:.0f} |")
+    lines = ["| model | kind | ASR (%) | true target | seed | verdict | target | score (form) | right | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        verdict = "flagged" if r["suspicious"] else "not flagged"
+        asr = "-" if r["asr"] is None else f"{r['asr']:.1f}"
+        lines.append(f"| {r['name']} | {r['kind']} | {asr} | {r['true_target'] or '-'} | {r['seed']} | {verdict} | "
+                     f"{r['target'] or '-'} | {r['score']:.2f} ({r['form'] or r['most_anomalous']}) | "
+                     f"{'yes' if correct(r) else '**no**'} | {r['seconds']:.0f} |")
+    backdoored = [r for r in rows if r["asr"] is not None and r["asr"] > BACKDOORED_ASR]
+    benign = [r for r in rows if r not in backdoored]
+    detected = sum(correct(r) for r in backdoored)
+    false_positives = sum(r["suspicious"] for r in benign)
+    seconds = [r["seconds"] for r in rows]
+    lines += ["", f"Detection: {detected} of {len(backdoored)} scans of backdoored models (ASR above "
+              f"{BACKDOORED_ASR:g}%) flagged with the true target. False positives: {false_positives} of "
+              f"{len(benign)} scans of the other models. Scan time {min(seconds):.0f}-{max(seconds):.0f} s "
+              "per model and seed, one CPU thread."]
     return "\n".join(lines)
+
+
+def write_doc(doc: Path, table: str) -> None:
+    text = doc.read_text()
+    if START not in text or END not in text:
+        raise ValueError(f"{doc}: no {START} ... {END} markers to put the table between")
+    head, rest = text.split(START, 1)
+    doc.write_text(head + START + "\n" + table + "\n" + END + rest.split(END, 1)[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.scan_table", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/scan/table.yaml")
+    parser.add_argument("--jobs", type=int, default=1, help="models scanned at a time (one process each)")
+    args = parser.parse_args(argv)
+    cfg = load_config(TableConfig, args.config)
+    table = markdown(run(cfg, args.jobs))
+    write_doc(Path(cfg.doc), table)
+    print(table)
+    return 0
 
 
 if __name__ == "__main__":
