@@ -44,3 +44,21 @@ def test_scan_of_a_missing_model_is_one_line(tmp_path: Path, capsys) -> None:
     assert main(["scan", "--model", str(tmp_path / "nothing.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("parclean scan: error:") and "nothing.safetensors" in err and "\n" not in err
+
+
+def test_the_detection_table_counts_a_right_verdict_by_the_models_measured_asr(tmp_path: Path) -> None:
+    from bench.scan_table import correct, markdown, write_doc
+
+    row = {"name": "m", "kind": "k", "seed": 0, "true_target": "moon", "score": 3.0, "form": "patch",
+           "most_anomalous": "moon", "seconds": 70.0}
+    backdoored = {**row, "asr": 87.5, "suspicious": True, "target": "moon"}
+    wrong_target = {**backdoored, "target": "ring"}
+    cleaned = {**row, "asr": 4.0, "suspicious": False, "target": None}
+    false_alarm = {**row, "asr": None, "true_target": None, "suspicious": True, "target": "ring"}
+    assert [correct(r) for r in (backdoored, wrong_target, cleaned, false_alarm)] == [True, False, True, False]
+    table = markdown([backdoored, wrong_target, cleaned, false_alarm])
+    assert "Detection: 1 of 2 scans of backdoored models" in table and "False positives: 1 of 2" in table
+    doc = tmp_path / "scan.md"
+    doc.write_text("intro\n<!-- scan table -->\nold\n<!-- /scan table -->\nnotes\n")
+    write_doc(doc, table)
+    assert doc.read_text() == f"intro\n<!-- scan table -->\n{table}\n<!-- /scan table -->\nnotes\n"
