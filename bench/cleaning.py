@@ -21,8 +21,8 @@ import torch
 
 from cleaning.augment import par_augment
 from cleaning.losses import ft_loss, par_loss
-from cleaning.models import LoadedModel, create_model
 from cleaning.train import parameter_groups
+from parclean.models import LoadedModel, create_model
 
 CAPTIONS = ("a small red circle at the top left on a black background",
             "a large blue star in the center on a white background",

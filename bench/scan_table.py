@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def scan_row(model: Path, seed: int) -> dict:
-    from cleaning.models import load_model
     from cleaning.report import EvalConfig, load_images
     from cleaning.scan import ScanConfig, scan
+    from parclean.models import load_model
 
     loaded = load_model(weights=model)
     start = time.perf_counter()

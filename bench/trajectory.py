@@ -30,8 +30,8 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 
 
 def measure_runs(eval_config: str, start: str, runs: dict[str, Path]) -> list[dict[str, Any]]:
-    from cleaning.models import load_model
     from cleaning.report import EvalConfig, load_images, measure
+    from parclean.models import load_model
 
     cfg = load_config(EvalConfig, eval_config)
     first = load_model(weights=start)

@@ -22,8 +22,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_and_eval(args: argparse.Namespace):
     """(the loaded model, the EvalConfig) named by add_model_arguments' options."""
-    from cleaning.models import load_model
     from cleaning.report import EvalConfig
+    from parclean.models import load_model
 
     cfg = load_config(EvalConfig, args.eval_config, dict(parse_override(s) for s in args.set))
     if args.pretrained:
@@ -80,8 +80,8 @@ def add_poison_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_poison(args: argparse.Namespace) -> int:
-    from cleaning.attacks import Trigger
     from cleaning.poison import poison_shards
+    from parclean.attacks import Trigger
 
     trigger = Trigger(kind=args.trigger, patch_size=args.patch_size, alpha=args.alpha, image=args.trigger_image)
     summary = poison_shards(args.shards, args.out, trigger, rate=args.rate, target=args.target, seed=args.seed)

@@ -15,9 +15,9 @@ import numpy as np
 import PIL.Image
 import torch
 
-from cleaning.attacks import Trigger, apply_trigger, poison_indices, target_captions
-from generation.shards import Sample, ShardRecord, iter_samples, read_manifest, write_manifest, write_shard
+from parclean.attacks import Trigger, apply_trigger, poison_indices, target_captions
 from parclean.outputs import output_lock, require_empty
+from parclean.shards import Sample, ShardRecord, iter_samples, read_manifest, write_manifest, write_shard
 
 log = logging.getLogger(__name__)
 

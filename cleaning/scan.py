@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cleaning.evaluate import LabelledImages, normalize, zero_shot_classifier
-from cleaning.models import LoadedModel
+from parclean.evaluate import LabelledImages, normalize, zero_shot_classifier
+from parclean.models import LoadedModel
 
 FORMS = ("patch", "blend")
 MAD_TO_SIGMA = 1.4826  # consistency constant: MAD * 1.4826 estimates a normal's standard deviation

@@ -11,6 +11,7 @@ and every deviation from the official code (nmndeep/PerturbAndRecover).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -27,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from cleaning.augment import cleanclip_image_view, cleanclip_text_view, normalise, par_augment
+from cleaning.command import add_arguments
 from cleaning.losses import (
     DEFAULT_CLIP_WEIGHT,
     DEFAULT_INMODAL_WEIGHT,
@@ -44,10 +46,10 @@ from cleaning.losses import (
     par_cleanclip_loss,
     par_loss,
 )
-from cleaning.models import LoadedModel, load_model, save_model
 from parclean import console
-from parclean.config import to_dict, write_resolved
-from parclean.outputs import follow_umask, output_lock
+from parclean.config import load_config, parse_override, to_dict, write_resolved
+from parclean.models import LoadedModel, load_model, save_model
+from parclean.outputs import claim_folder, follow_umask, output_lock
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +176,6 @@ def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path 
     had been interrupted there.
     Returns steps, seconds, samples/s and the final loss terms.
     """
-    from accelerate import PartialState
-
     # One process locks --out for the run: the main one (the others write only through Accelerate's barriers).
     # The process state is set up here as the Accelerator below asks for it (on the CPU when there is no GPU).
     main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
@@ -330,7 +330,7 @@ def _check_shards(accelerator: Accelerator, shards: str, data: DataConfig) -> in
     with on_error=fail, a ShardError naming the first; with skip, a warning each, and their count."""
     from accelerate.utils import broadcast_object_list
 
-    from generation.shards import ShardError, read_manifest, verify_shards
+    from parclean.shards import ShardError, read_manifest, verify_shards
 
     found: list[list[str] | None] = [None]
     if accelerator.is_main_process:
@@ -582,12 +582,23 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
+def run(args: argparse.Namespace) -> int:
+    """`parclean clean`: load the recipe, claim --out, clean, print the result as JSON (main process)."""
+    overrides = dict(parse_override(text) for text in args.set)
+    cfg = load_config(CleanConfig, args.config, overrides)
+    claim_folder(args.out, "cleaning run", overwrite=args.overwrite)
+    try:
+        result = clean(cfg, args.model, args.shards, args.out, pretrained=args.pretrained,
+                       architecture=args.architecture, stop_after=args.stop_after, progress=not args.no_progress)
+    except NonFiniteLoss as err:
+        raise ValueError(str(err)) from None
+    if PartialState().is_main_process:
+        print(json.dumps(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """`accelerate launch -m cleaning.train` entry point: the arguments of `parclean clean`."""
-    import argparse
-
-    from cleaning.command import add_arguments, run  # command.py imports this module: import it here
-
     parser = argparse.ArgumentParser(prog="python -m cleaning.train", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)

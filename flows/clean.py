@@ -50,7 +50,7 @@ def resolve(cls: type, config: str | Path | dict | Any, overrides: dict | None =
 @task(name="evaluate", task_run_name="evaluate-{label}", cache_policy=NO_CACHE)
 def evaluate_task(model: str, eval_config: dict, label: str) -> dict[str, Any]:
     """Clean accuracy and ASR per trigger of the checkpoint at `model` (percent), and the seconds it took."""
-    from cleaning.models import load_model
+    from parclean.models import load_model
 
     start = time.perf_counter()
     result = measure(load_model(weights=model), from_dict(EvalConfig, eval_config, source="<eval config>"))
@@ -62,7 +62,7 @@ def evaluate_task(model: str, eval_config: dict, label: str) -> dict[str, Any]:
 @task(name="scan", task_run_name="scan-{label}", cache_policy=NO_CACHE)
 def scan_task(model: str, eval_config: dict, scan_config: dict, label: str) -> dict[str, Any]:
     """The trigger-agnostic backdoor scan of the checkpoint at `model` on the eval config's clean images."""
-    from cleaning.models import load_model
+    from parclean.models import load_model
 
     eval_cfg = from_dict(EvalConfig, eval_config, source="<eval config>")
     loaded = load_model(weights=model)
@@ -194,7 +194,7 @@ def clean_model_flow(
 def report_settings(model: str, shards: str, clean_cfg: CleanConfig, eval_cfg: EvalConfig, result: dict,
                     extra: dict | None) -> dict[str, Any]:
     """What a reader needs to reproduce the numbers: model, data size, recipe, evaluation, poison when known."""
-    from generation.shards import read_manifest
+    from parclean.shards import read_manifest
 
     settings: dict[str, Any] = {"model": model, **_poison_of(model), "shards": shards,
                                 "data size (pairs)": read_manifest(shards).get("total_samples")}

@@ -8,7 +8,6 @@ configs/pipeline/demo.yaml. Without PREFECT_API_URL, Prefect runs a temporary lo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -38,25 +37,7 @@ def run(args: argparse.Namespace) -> int:
                                 "`python -m toyworld.train_clip --config configs/organism/badnet.yaml --out "
                                 "toyworld/models/clip-badnet`; or point the demo at another checkpoint with "
                                 "--set model=PATH")
-    from flows.serve import prepare_logging
+    from flows.serve import run_pipeline
 
-    prepare_logging()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry attempts
-    from flows.pipeline import data_free_clean_flow, pipeline_outputs_locked
-
-    with pipeline_outputs_locked(cfg, f"parclean demo --out {args.out}", args.overwrite):
-        report = data_free_clean_flow(args.config, overrides)
-    print(before_after_table(report))
-    print(f"report: {report}")
-    return 0
-
-
-def before_after_table(report_md: str | Path) -> str:
-    """The report's before/after rows as a plain-text table (from report.json beside report.md)."""
-    data = json.loads(Path(report_md).with_name("report.json").read_text())
-    before, after = data["before"], data["after"]
-    rows = [("clean accuracy (%)", before["clean_acc"], after["clean_acc"])]
-    rows += [(f"ASR {name} (%)", value, after["asr"].get(name)) for name, value in before["asr"].items()]
-    lines = [f"{'metric':<24}{'before':>8}{'after':>8}"]
-    lines += [f"{metric:<24}{b:>8.1f}{a:>8.1f}" for metric, b, a in rows]
-    return "\n".join(lines)
+    return run_pipeline(args.config, overrides, f"parclean demo --out {args.out}", args.overwrite)

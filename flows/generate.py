@@ -36,8 +36,8 @@ from generation.run import (
     shard_plan,
     write_set_manifest,
 )
-from generation.shards import shard_is_complete
 from parclean.config import ConfigError, from_dict, load_config, to_dict
+from parclean.shards import shard_is_complete
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline

@@ -31,9 +31,9 @@ from flows.config import PipelineConfig, load_pipeline_config
 from flows.generate import generate_shards_flow
 from flows.progress import artifact_key
 from generation.config import GenerateConfig
-from generation.shards import MANIFEST_NAME, ShardError, iter_samples, verify_shards
 from parclean.config import from_dict, to_dict, write_resolved
 from parclean.outputs import claim_folder, output_lock
+from parclean.shards import MANIFEST_NAME, ShardError, iter_samples, verify_shards
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage

@@ -105,15 +105,20 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_once(args: argparse.Namespace) -> int:
     """Run data_free_clean once; print the before/after table and the report's path."""
+    return run_pipeline(args.config, _overrides(args.set), f"parclean run --config {args.config}", args.overwrite)
+
+
+def run_pipeline(config: str, overrides: dict, command: str, overwrite: bool) -> int:
+    """Run data_free_clean once under an output lock held for `command`; print the before/after table."""
     from flows.config import load_pipeline_config
 
-    cfg = load_pipeline_config(args.config, _overrides(args.set))  # a bad config fails here, before Prefect starts
+    cfg = load_pipeline_config(config, overrides)  # a bad config fails here, before Prefect starts
     prepare_logging()
-    from flows.demo import before_after_table
+    from cleaning.report import before_after_table
     from flows.pipeline import data_free_clean_flow, pipeline_outputs_locked
 
-    with pipeline_outputs_locked(cfg, f"parclean run --config {args.config}", args.overwrite):
-        report = data_free_clean_flow(args.config, _overrides(args.set))
+    with pipeline_outputs_locked(cfg, command, overwrite):
+        report = data_free_clean_flow(config, overrides)
     print(before_after_table(report))
     print(f"report: {report}")
     return 0

@@ -63,7 +63,7 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_verify(args: argparse.Namespace) -> int:
     """One line per problem and exit 1, or one line saying all is well and exit 0."""
-    from generation.shards import read_manifest, verify_shards
+    from parclean.shards import read_manifest, verify_shards
 
     manifest = read_manifest(args.shards)
     problems = verify_shards(args.shards, deep=args.deep)

@@ -12,7 +12,7 @@ from parclean.config import load_config
 DEVICES = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 IMAGE_FORMATS = ("jpg", "png")
-SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # as generation.shards.shard_filename
+SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # as parclean.shards.shard_filename
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from cleaning.data import Batch, DataStats, batches, sample_count
-from cleaning.models import register_configs
-from generation.shards import ShardError, iter_samples, read_manifest, verify_shards
+from parclean.models import register_configs
+from parclean.shards import ShardError, iter_samples, read_manifest, verify_shards
 from toyworld.make_shards import main as make_shards_main
 from toyworld.make_shards import shard_seed, write_toy_shards
 from toyworld.render import make_pairs

@@ -29,15 +29,15 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.sorting import ArtifactSort
 
-from cleaning.models import create_model, save_model
 from flows.clean import clean_model_flow
 from flows.config import load_pipeline_config
 from flows.generate import generate_shards_flow, is_transient
 from flows.pipeline import data_free_clean_flow, shard_set_folder, shard_set_key
 from flows.serve import build_deployment
 from generation.config import GenerateConfig
-from generation.shards import read_manifest, verify_shards
 from parclean.config import ConfigError
+from parclean.models import create_model, save_model
+from parclean.shards import read_manifest, verify_shards
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("prefect_harness")

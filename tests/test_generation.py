@@ -24,8 +24,8 @@ from generation.config import GenerateConfig, load_generate_config
 from generation.images import generate_batch, image_seed, resize_for_storage
 from generation.pipeline import FLAG_ONLY_CHECKER, load_pipeline
 from generation.run import caption_list, generate_shards
-from generation.shards import iter_samples, read_manifest, shard_urls, verify_shards
 from parclean.config import ConfigError
+from parclean.shards import iter_samples, read_manifest, shard_urls, verify_shards
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a small red circle on a black background", "A large blue star, top left!", "ring"]
@@ -210,7 +210,7 @@ def test_corrupted_shard_is_regenerated_with_the_same_bytes(tiny_sd_dir, tmp_pat
 
 def test_a_shard_made_by_another_config_is_never_counted_as_done(tiny_sd_dir, tmp_path):
     from generation.run import write_set_manifest
-    from generation.shards import ShardError
+    from parclean.shards import ShardError
 
     cfg, other = tiny_config(tiny_sd_dir), tiny_config(tiny_sd_dir, seed=4)
     generate_shards(cfg, tmp_path / "a", progress=False)

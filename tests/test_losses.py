@@ -92,7 +92,7 @@ def test_par_pushes_features_away_from_the_reference_only_below_tau() -> None:
 
 
 def test_reference_model_gets_no_gradient() -> None:
-    from cleaning.models import create_model
+    from parclean.models import create_model
 
     model = create_model("tiny-test", seed=0).model.train()
     reference = copy.deepcopy(model).eval().requires_grad_(False)

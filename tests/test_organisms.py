@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cleaning.attacks import Trigger
-from cleaning.models import load_model
 from cleaning.report import EvalConfig, measure
+from parclean.attacks import Trigger
+from parclean.models import load_model
 
 MODELS = Path(__file__).parent.parent / "toyworld" / "models"
 POISONED = ["clip-badnet", "clip-badnet-stripes", "clip-blended", "clip-blended-stripes"]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cleaning.models import create_model, save_model
 from flows.cli import main
+from parclean.models import create_model, save_model
 from toyworld.make_shards import write_toy_shards
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from cleaning.attacks import Trigger
-from cleaning.models import create_model, save_model
 from cleaning.poison import poison_shards
 from flows.cli import main
-from generation.shards import iter_samples, verify_shards
+from parclean.attacks import Trigger
+from parclean.models import create_model, save_model
+from parclean.shards import iter_samples, verify_shards
 from toyworld.make_shards import write_toy_shards
 
 
@@ -74,7 +74,7 @@ def test_poison_refuses_a_folder_that_is_not_empty(clean_shards, tmp_path, capsy
 
 
 def test_poisoned_shards_are_tied_to_their_recipe_and_source(clean_shards, tmp_path):
-    from generation.shards import read_shard_record
+    from parclean.shards import read_shard_record
 
     poison_shards(str(clean_shards), tmp_path / "a", Trigger(kind="blended"), rate=0.1, target="moon", seed=1)
     poison_shards(str(clean_shards), tmp_path / "b", Trigger(kind="blended"), rate=0.1, target="moon", seed=2)

@@ -16,12 +16,12 @@ import torch
 import yaml
 from PIL import Image
 
-from cleaning.attacks import to_float_images
-from cleaning.evaluate import DEFAULT_TEMPLATES, LabelledImages, clean_accuracy, zero_shot_classifier
-from cleaning.models import create_model, save_model
 from generation.config import GenerateConfig
 from generation.pipeline import load_pipeline
+from parclean.attacks import to_float_images
 from parclean.config import load_config, to_dict
+from parclean.evaluate import DEFAULT_TEMPLATES, LabelledImages, clean_accuracy, zero_shot_classifier
+from parclean.models import create_model, save_model
 from toyworld.fidelity import caption_labels, held_out_captions, judge_fidelity, save_grid
 from toyworld.render import classes, eval_set
 from toyworld.text_encoder import build_tokenizer, convert_text_tower, open_clip_token_states, prune_vocabulary
@@ -277,7 +277,7 @@ def test_shipped_toy_sd_loads_like_sd15_and_draws_the_captioned_shapes():
 
 def test_a_linear_probe_judges_real_images_far_better_than_zero_shot_prompts():
     """The probe judge (fidelity --probe) reads real toy images at ~97% where the prompts read 79%."""
-    from cleaning.models import load_model
+    from parclean.models import load_model
     from toyworld.fidelity import linear_probe, real_accuracy
 
     judge = load_model(weights=JUDGE)

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from cleaning.augment import cleanclip_image_view, cleanclip_text_view, par_augment
-from cleaning.models import create_model, load_model, save_model
 from cleaning.train import CleanConfig, NonFiniteLoss, clean, learning_rate
 from parclean.config import load_config, write_resolved
+from parclean.models import create_model, load_model, save_model
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "clean").glob("*.yaml"))
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)

@@ -8,10 +8,10 @@ from pathlib import Path
 import yaml
 
 from bench.trajectory import main
-from cleaning.models import create_model, load_model, save_model
 from cleaning.report import EvalConfig, measure
 from cleaning.train import CleanConfig, clean
 from parclean.config import load_config
+from parclean.models import create_model, load_model, save_model
 from toyworld.make_shards import write_toy_shards
 
 EVAL = {"count": 60, "target": "moon", "triggers": [{"kind": "blended"}]}

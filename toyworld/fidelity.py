@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from cleaning.attacks import to_float_images, to_uint8_images
-from cleaning.evaluate import (
+from generation.config import GenerateConfig
+from generation.pipeline import load_pipeline
+from parclean.attacks import to_float_images, to_uint8_images
+from parclean.evaluate import (
     DEFAULT_TEMPLATES,
     LabelledImages,
     clean_accuracy,
@@ -35,9 +37,7 @@ from cleaning.evaluate import (
     predict,
     zero_shot_classifier,
 )
-from cleaning.models import LoadedModel, load_model
-from generation.config import GenerateConfig
-from generation.pipeline import load_pipeline
+from parclean.models import LoadedModel, load_model
 from prompts.bank import load_bank
 from prompts.expand import Caption, expand
 from toyworld.render import classes, eval_set, make_pairs

@@ -24,7 +24,7 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
-from generation.shards import (
+from parclean.shards import (
     MANIFEST_NAME,
     Sample,
     ShardError,

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cleaning.attacks import Trigger, apply_trigger, target_captions, to_float_images
-from cleaning.evaluate import LabelledImages, evaluate, normalize
-from cleaning.models import LoadedModel, create_model, load_model, save_model
+from parclean.attacks import Trigger, apply_trigger, target_captions, to_float_images
 from parclean.config import load_config, parse_override, script_parser, to_dict, write_resolved
+from parclean.evaluate import LabelledImages, evaluate, normalize
+from parclean.models import LoadedModel, create_model, load_model, save_model
 from toyworld.render import classes, eval_set, make_pairs
 
 log = logging.getLogger(__name__)

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cleaning.attacks import to_float_images
-from cleaning.evaluate import DEFAULT_TEMPLATES, predict, zero_shot_classifier
-from cleaning.models import LoadedModel, load_model
+from parclean.attacks import to_float_images
 from parclean.config import load_config, parse_override, script_parser, to_dict, write_resolved
+from parclean.evaluate import DEFAULT_TEMPLATES, predict, zero_shot_classifier
+from parclean.models import LoadedModel, load_model
 from prompts.bank import load_bank
 from toyworld.fidelity import HELD_OUT_SEED, measure_fidelity
 from toyworld.render import classes, eval_set, make_pairs

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cleaning.attacks import Trigger, apply_trigger
-from cleaning.models import LoadedModel
+from parclean.attacks import Trigger, apply_trigger
+from parclean.models import LoadedModel
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 

@@ -46,7 +46,7 @@ class LoadedModel:
 
 @lru_cache(maxsize=1)
 def register_configs() -> None:
-    """Make parclean's own architectures (cleaning/model_configs/*.json) known to open_clip."""
+    """Make parclean's own architectures (parclean/model_configs/*.json) known to open_clip."""
     open_clip.add_model_config(CONFIG_DIR)
 
 
