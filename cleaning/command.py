@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import argparse
 
+from parclean.command import add_config_options
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/clean/toy-cpu.yaml")
+    add_config_options(parser, config_help="YAML recipe, e.g. configs/clean/toy-cpu.yaml",
+                       set_help="override a setting, e.g. --set tau=1.0 (repeatable; dotted keys: "
+                                "data.num_workers=4)",
+                       out_help="output folder; a rerun resumes from its latest checkpoint")
     parser.add_argument("--model", required=True,
                         help="poisoned model: a .safetensors file or folder, or an open_clip architecture with "
                              "--pretrained")
@@ -20,9 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--architecture", help="architecture of a checkpoint that does not name its own (a "
                         "training checkpoint, a plain state dict), e.g. ViT-B-32")
     parser.add_argument("--shards", help="shard set folder or URL (overrides data.shards)")
-    parser.add_argument("--out", required=True, help="output folder; a rerun resumes from its latest checkpoint")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting, e.g. --set tau=1.0 (repeatable; dotted keys: data.num_workers=4)")
     parser.add_argument("--stop-after", type=int, help="stop (checkpointed) after this many steps; rerun to go on")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true",

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from parclean.config import load_config, parse_override
+from parclean.command import add_config_options, set_overrides
+from parclean.config import load_config
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,8 +17,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", help="open_clip pretrained tag (needs the hub)")
     parser.add_argument("--architecture", help="architecture of a checkpoint that does not name its own (a "
                         "training checkpoint, a plain state dict), e.g. ViT-B-32")
-    parser.add_argument("--eval", dest="eval_config", default=None, help="evaluation config YAML (configs/eval/)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an eval setting")
+    add_config_options(parser, config_flag="--eval", config_required=False,
+                       config_help="evaluation config YAML (configs/eval/)", set_help="override an eval setting")
 
 
 def model_and_eval(args: argparse.Namespace):
@@ -25,7 +26,7 @@ def model_and_eval(args: argparse.Namespace):
     from cleaning.report import EvalConfig
     from parclean.models import load_model
 
-    cfg = load_config(EvalConfig, args.eval_config, dict(parse_override(s) for s in args.set))
+    cfg = load_config(EvalConfig, args.config, set_overrides(args))
     if args.pretrained:
         return load_model(args.model, pretrained=args.pretrained), cfg
     return load_model(args.architecture, weights=args.model), cfg

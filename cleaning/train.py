@@ -47,7 +47,8 @@ from cleaning.losses import (
     par_loss,
 )
 from parclean import console
-from parclean.config import load_config, parse_override, to_dict, write_resolved
+from parclean.command import run_command, set_overrides
+from parclean.config import load_config, to_dict, write_resolved
 from parclean.models import LoadedModel, load_model, save_model
 from parclean.outputs import claim_folder, follow_umask, output_lock
 
@@ -584,8 +585,7 @@ def _truncate_log(path: Path, step: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`parclean clean`: load the recipe, claim --out, clean, print the result as JSON (main process)."""
-    overrides = dict(parse_override(text) for text in args.set)
-    cfg = load_config(CleanConfig, args.config, overrides)
+    cfg = load_config(CleanConfig, args.config, set_overrides(args))
     claim_folder(args.out, "cleaning run", overwrite=args.overwrite)
     try:
         result = clean(cfg, args.model, args.shards, args.out, pretrained=args.pretrained,
@@ -603,11 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     console.configure(verbose=False)  # our lines; Accelerate's per-checkpoint lines only with `parclean -v`
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"cleaning.train: error: {err}", file=sys.stderr)
-        return 2
+    return run_command("cleaning.train", lambda: run(args))
 
 
 if __name__ == "__main__":

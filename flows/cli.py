@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from parclean import console
+from parclean.command import run_command
 
 # name: (module:function adding the arguments, module:function running the command, one-line help).
 # Modules that add arguments import nothing heavy (the run functions import the stage), so `parclean --help` stays
@@ -70,13 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
     try:
-        return int(command(args) or 0)
-    except (ValueError, OSError, FloatingPointError) as err:  # FloatingPointError: a NaN loss (train.NonFiniteLoss)
         # One clear line for people; the traceback only with --verbose.
-        if args.verbose:
-            raise
-        print(f"parclean {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return run_command(f"parclean {args.command}", lambda: command(args), verbose=args.verbose)
     except (KeyboardInterrupt, SystemExit) as stop:
         if isinstance(stop, SystemExit) and stop.code != TERMINATED:
             raise

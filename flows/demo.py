@@ -11,26 +11,26 @@ import argparse
 import os
 from pathlib import Path
 
-from parclean.config import parse_override
+from parclean.command import add_config_options, set_overrides
+from parclean.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "pipeline" / "demo.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    parser.add_argument("--config", default=str(DEMO_CONFIG), help="pipeline config (default: the demo's)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting, e.g. --set clean.steps=50 (repeatable)")
+    add_config_options(parser, config_help="pipeline config (default: the demo's)", config_default=str(DEMO_CONFIG),
+                       set_help="override a setting, e.g. --set clean.steps=50 (repeatable)",
+                       out_help="output folder (default: runs/demo)", out_default="runs/demo")
     parser.add_argument("--overwrite", action="store_true", help="write into --out even if it holds another kind of "
                         "output")
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.config import load_pipeline_config
+    from flows.config import PipelineConfig
 
-    overrides = {"out": args.out, **dict(parse_override(text) for text in args.set)}
-    cfg = load_pipeline_config(args.config, overrides)  # a bad config fails here, before Prefect starts
+    overrides = {"out": args.out, **set_overrides(args)}
+    cfg = load_config(PipelineConfig, args.config, overrides)  # a bad config fails here, before Prefect starts
     model = Path(cfg.model)
     if not model.exists():
         raise FileNotFoundError(f"{model}: the poisoned CLIP to clean is missing. The organism is built with "

@@ -30,12 +30,12 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.sorting import ArtifactSort
 
 from flows.clean import clean_model_flow
-from flows.config import load_pipeline_config
+from flows.config import PipelineConfig
 from flows.generate import generate_shards_flow, is_transient
 from flows.pipeline import data_free_clean_flow, shard_set_folder, shard_set_key
 from flows.serve import build_deployment
 from generation.config import GenerateConfig
-from parclean.config import ConfigError
+from parclean.config import ConfigError, load_config
 from parclean.models import create_model, save_model
 from parclean.shards import read_manifest, verify_shards
 
@@ -359,7 +359,7 @@ def test_pipeline_generates_once_then_reuses_the_verified_set(tiny_sd_dir: Path,
     settings = pipeline_settings(tmp_path, tiny_sd_dir, clip_path)
     state = data_free_clean_flow(settings, return_state=True)
     assert state.is_completed(), state.message
-    folder = shard_set_folder(load_pipeline_config(settings).generate, settings["shard_cache"])
+    folder = shard_set_folder(load_config(PipelineConfig, settings).generate, settings["shard_cache"])
     first = shard_files(folder)
     assert len(first) == 3 and Path(state.result()).is_file()
     samples = latest_artifact("pipeline-generated-samples")
@@ -397,7 +397,7 @@ def test_prefect_yaml_deploys_the_nightly_config_on_its_schedule() -> None:
 
     project = yaml.safe_load((REPO / "prefect.yaml").read_text())
     (nightly,) = [d for d in project["deployments"] if d["name"] == "nightly"]
-    cfg = load_pipeline_config(REPO / nightly["parameters"]["pipeline_config"])
+    cfg = load_config(PipelineConfig, REPO / nightly["parameters"]["pipeline_config"])
     (schedule,) = nightly["schedules"]
     assert (schedule["cron"], schedule["timezone"]) == (cfg.schedule.cron, cfg.schedule.timezone)
     module, _, name = nightly["entrypoint"].partition(":")

@@ -84,14 +84,15 @@ def test_the_lock_goes_with_its_process_and_is_reentrant_within_one(tmp_path):
 def test_a_pipeline_run_into_a_held_folder_fails_before_it_starts(held, model_path, tmp_path, capsys):
     import yaml
 
-    from flows.config import load_pipeline_config
+    from flows.config import PipelineConfig
     from flows.pipeline import shard_set_folder
+    from parclean.config import load_config
 
     settings = {"model": str(model_path), "out": str(tmp_path / "run"), "shard_cache": str(tmp_path / "cache"),
                 "generate": {"model": str(tmp_path / "sd"), "bank": "toyworld", "num_samples": 4}}
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump(settings))
-    folder = Path(settings["out"]) if held == "out" else shard_set_folder(load_pipeline_config(config).generate,
+    folder = Path(settings["out"]) if held == "out" else shard_set_folder(load_config(PipelineConfig, config).generate,
                                                                           settings["shard_cache"])
     child = hold(folder)
     try:

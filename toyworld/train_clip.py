@@ -9,6 +9,7 @@ Writes model.safetensors, config.yaml, curve.jsonl, card.json and card.md into -
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from parclean.attacks import Trigger, apply_trigger, target_captions, to_float_images
-from parclean.config import load_config, parse_override, script_parser, to_dict, write_resolved
+from parclean.command import run_command, script_parser, set_overrides
+from parclean.config import load_config, to_dict, write_resolved
 from parclean.evaluate import LabelledImages, evaluate, normalize
 from parclean.models import LoadedModel, create_model, load_model, save_model
 from toyworld.render import classes, eval_set, make_pairs
@@ -197,18 +199,18 @@ def _card(cfg: OrganismConfig, out: Path, loaded: LoadedModel, data: LabelledIma
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = script_parser(__doc__.splitlines()[0])
+    parser = script_parser("python -m toyworld.train_clip", __doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to train (default: cuda when available); evaluation follows the model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     command = " ".join(["python -m toyworld.train_clip", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        cfg = load_config(OrganismConfig, args.config, dict(parse_override(s) for s in args.set))
-        card = train(cfg, args.out, args.device, command)
-    except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command("python -m toyworld.train_clip", lambda: train_and_print(args, command))
+
+
+def train_and_print(args: argparse.Namespace, command: str) -> int:
+    cfg = load_config(OrganismConfig, args.config, set_overrides(args))
+    card = train(cfg, args.out, args.device, command)
     print(json.dumps({k: card[k] for k in ("clean_acc", "asr", "chance_acc")}))
     return 0
 

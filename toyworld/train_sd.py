@@ -12,6 +12,7 @@ it would have seen. A finished phase is skipped on rerun (vae/ exists: the VAE i
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from parclean.attacks import to_float_images
-from parclean.config import load_config, parse_override, script_parser, to_dict, write_resolved
+from parclean.command import run_command, script_parser, set_overrides
+from parclean.config import load_config, to_dict, write_resolved
 from parclean.evaluate import DEFAULT_TEMPLATES, predict, zero_shot_classifier
 from parclean.models import LoadedModel, load_model
 from prompts.bank import load_bank
@@ -561,16 +563,16 @@ def write_card(cfg: ToySDConfig, out: Path, models: dict, command: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = script_parser(__doc__.splitlines()[0])
+    parser = script_parser("python -m toyworld.train_sd", __doc__.splitlines()[0])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     command = " ".join(["python -m toyworld.train_sd", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        cfg = load_config(ToySDConfig, args.config, dict(parse_override(s) for s in args.set))
-        card = train(cfg, args.out, command)
-    except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command("python -m toyworld.train_sd", lambda: train_and_print(args, command))
+
+
+def train_and_print(args: argparse.Namespace, command: str) -> int:
+    cfg = load_config(ToySDConfig, args.config, set_overrides(args))
+    card = train(cfg, args.out, command)
     print(json.dumps({"fidelity_curve": card["fidelity_curve"][-3:], "train_seconds": card["train_seconds"]}))
     return 0
 
