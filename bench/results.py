@@ -191,7 +191,8 @@ def measure_model(cfg: ResultsConfig, organism: str, weights: Path) -> dict[str,
 
 
 def run_cell(cfg: ResultsConfig, cell: Cell, work: Path) -> dict[str, Any]:
-    from cleaning.train import PERTURBING, clean
+    from cleaning.objectives import PERTURBING
+    from cleaning.train import clean
 
     data = {d.name: d for d in cfg.data}[cell.data]
     settings = cell_recipe(cfg, cell)

@@ -16,7 +16,7 @@ from parclean.eval_sets import describe_registered, eval_set_names, load_eval_se
 from parclean.evaluate import DEFAULT_TEMPLATES, LabelledImages, evaluate
 from parclean.models import LoadedModel
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 

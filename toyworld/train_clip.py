@@ -23,14 +23,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cleaning.losses import clip_loss
 from parclean.attacks import Trigger, apply_trigger, target_captions, to_float_images
+from parclean.checkpoint_file import load_checkpoint_file, save_checkpoint_file
 from parclean.command import run_command, script_parser, set_overrides
 from parclean.config import load_config, to_dict, write_resolved
-from parclean.evaluate import LabelledImages, evaluate, normalize
-from parclean.models import LoadedModel, create_model, load_model, save_model
+from parclean.evaluate import LabelledImages, evaluate
+from parclean.models import LoadedModel, create_model, load_model, normalize, save_model
+from parclean.run_log import append_record, truncate_after
+from parclean.schedules import warmup_cosine
 from toyworld.render import classes, eval_set, make_pairs
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,10 +64,7 @@ class OrganismConfig:
 
 def learning_rate(cfg: OrganismConfig, step: int) -> float:
     """Linear warm-up, then cosine to zero."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
+    return warmup_cosine(cfg.lr, cfg.warmup_steps, step, cfg.steps)
 
 
 def batch_for_step(cfg: OrganismConfig, step: int) -> tuple[torch.Tensor, list[str], int]:
@@ -84,13 +85,12 @@ def batch_for_step(cfg: OrganismConfig, step: int) -> tuple[torch.Tensor, list[s
     return images, captions, len(chosen)
 
 
-def clip_loss(loaded: LoadedModel, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def batch_loss(loaded: LoadedModel, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The CLIP loss (cleaning/losses.py) of one batch, with the model's own (trained) logit scale."""
     model = loaded.model
-    image_features = F.normalize(model.encode_image(normalize(loaded, images)), dim=-1)
+    image_features = F.normalize(model.encode_image(normalize(images, loaded.mean, loaded.std)), dim=-1)
     text_features = F.normalize(model.encode_text(tokens), dim=-1)
-    logits = model.logit_scale.exp() * image_features @ text_features.T
-    labels = torch.arange(len(images), device=images.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return clip_loss(image_features, text_features, model.logit_scale.exp())
 
 
 def evaluation_set(cfg: OrganismConfig) -> LabelledImages:
@@ -127,7 +127,7 @@ def train(cfg: OrganismConfig, out: Path, device: torch.device | str = "cpu", co
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
         images, captions, _ = batch_for_step(cfg, step)
-        loss = clip_loss(loaded, images.to(device), loaded.tokenizer(captions).to(device))
+        loss = batch_loss(loaded, images.to(device), loaded.tokenizer(captions).to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -137,18 +137,16 @@ def train(cfg: OrganismConfig, out: Path, device: torch.device | str = "cpu", co
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             point = {"step": done, "loss": loss.item(), **measure(loaded, cfg, data)}
-            with curve_path.open("a") as handle:
-                handle.write(json.dumps(point) + "\n")
-            log.info("step %d: %s", done, point)
+            append_record(curve_path, point)
+            logger.info("step %d: %s", done, point)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _checkpoint(loaded, optimizer, done, out)
     return _card(cfg, out, loaded, data, time.time() - started, torch.device(device), command)
 
 
 def _checkpoint(loaded: LoadedModel, optimizer: torch.optim.Optimizer, step: int, out: Path) -> None:
-    tmp = out / "checkpoint.pt.tmp"
-    torch.save({"model": loaded.model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
-    tmp.replace(out / "checkpoint.pt")
+    state = {"model": loaded.model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+    save_checkpoint_file(state, out / "checkpoint.pt")
 
 
 def _resume(loaded: LoadedModel, optimizer: torch.optim.Optimizer, out: Path) -> int:
@@ -156,18 +154,12 @@ def _resume(loaded: LoadedModel, optimizer: torch.optim.Optimizer, out: Path) ->
     if not path.is_file():
         (out / "curve.jsonl").unlink(missing_ok=True)
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint_file(path)
     loaded.model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    _truncate_curve(out / "curve.jsonl", state["step"])
-    log.info("resumed %s at step %d", out, state["step"])
+    truncate_after(out / "curve.jsonl", state["step"])
+    logger.info("resumed %s at step %d", out, state["step"])
     return int(state["step"])
-
-
-def _truncate_curve(path: Path, step: int) -> None:
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
 
 
 def _card(cfg: OrganismConfig, out: Path, loaded: LoadedModel, data: LabelledImages, seconds: float,
