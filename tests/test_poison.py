@@ -10,16 +10,13 @@ import pytest
 from cleaning.poison import poison_shards
 from flows.cli import main
 from parclean.attacks import Trigger
-from parclean.models import create_model, save_model
 from parclean.shards import iter_samples, verify_shards
-from toyworld.make_shards import write_toy_shards
 
 
 @pytest.fixture(scope="module")
-def clean_shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy")
-    write_toy_shards(out, count=120, seed=5, shard_size=50)
-    return out
+def clean_shards(toy_shards):
+    """120 toy pairs in three shards."""
+    return toy_shards(120, seed=5, shard_size=50)
 
 
 def test_exactly_the_chosen_share_is_poisoned_and_nothing_else_changes(clean_shards, tmp_path):
@@ -45,13 +42,12 @@ def test_poisoning_over_the_source_is_refused(clean_shards):
         poison_shards(str(clean_shards), clean_shards, Trigger(kind="blended"), rate=0.1, target="moon")
 
 
-def test_poison_and_evaluate_commands(clean_shards, tmp_path, capsys):
+def test_poison_and_evaluate_commands(clean_shards, tiny_clip_path, tmp_path, capsys):
     assert main(["poison", "--shards", str(clean_shards), "--out", str(tmp_path / "p"), "--trigger", "blended",
                  "--rate", "0.05", "--target", "moon"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["poisoned"] == 6
-    model = save_model(create_model("tiny-test", seed=0), tmp_path / "m" / "model.safetensors")
     out = tmp_path / "result.json"
-    assert main(["evaluate", "--model", str(model.parent), "--set", "count=200", "--set", "target=moon",
+    assert main(["evaluate", "--model", str(tiny_clip_path.parent), "--set", "count=200", "--set", "target=moon",
                  "--set", "triggers=[{kind: blended}]", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["eval_images"] == 200 and 0 <= result["clean_acc"] <= 100 and "blended" in result["asr"]
