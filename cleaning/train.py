@@ -554,11 +554,8 @@ def run(args: argparse.Namespace) -> int:
     """`parclean clean`: load the recipe, claim --out, clean, print the result as JSON (main process)."""
     cfg = load_config(CleanConfig, args.config, set_overrides(args))
     claim_folder(args.out, "cleaning run", overwrite=args.overwrite)
-    try:
-        result = clean(cfg, args.model, args.shards, args.out, pretrained=args.pretrained,
-                       architecture=args.architecture, stop_after=args.stop_after, progress=not args.no_progress)
-    except NonFiniteLoss as err:
-        raise ValueError(str(err)) from None
+    result = clean(cfg, args.model, args.shards, args.out, pretrained=args.pretrained,
+                   architecture=args.architecture, stop_after=args.stop_after, progress=not args.no_progress)
     if PartialState().is_main_process:
         print(json.dumps(result))
     return 0
