@@ -69,7 +69,7 @@ def toy_shards(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         if (count, seed, shard_size) not in made:
             from toyworld.make_shards import write_toy_shards
 
-            folder = tmp_path_factory.mktemp(f"toy-shards-{count}-{seed}-{shard_size}")
+            folder = tmp_path_factory.mktemp(f"toy-shards-{count}-seed-{seed}-of-{shard_size}-")
             write_toy_shards(folder, count, seed=seed, shard_size=shard_size, progress=False)
             made[count, seed, shard_size] = folder
         return made[count, seed, shard_size]
