@@ -20,9 +20,9 @@ from collections.abc import Callable
 import torch
 
 from cleaning.augment import par_augment
-from cleaning.losses import ft_loss, par_loss
-from cleaning.models import LoadedModel, create_model
+from cleaning.losses import FeatureBatch, ft_loss, par_loss
 from cleaning.train import parameter_groups
+from parclean.models import LoadedModel, create_model
 
 CAPTIONS = ("a small red circle at the top left on a black background",
             "a large blue star in the center on a white background",
@@ -48,9 +48,10 @@ def make_step(loaded: LoadedModel, reference: torch.nn.Module | None, images: to
                 with torch.no_grad():
                     ref_image, ref_text, _ = reference(image=augmented, text=tokens)
         if reference is None:
-            loss, _ = ft_loss(image.float(), text.float(), scale)
+            loss, _ = ft_loss(FeatureBatch(image.float(), text.float()), scale)
         else:
-            loss, _ = par_loss(image.float(), text.float(), ref_image.float(), ref_text.float(), scale)
+            features = FeatureBatch(image.float(), text.float(), reference=(ref_image.float(), ref_text.float()))
+            loss, _ = par_loss(features, scale)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -152,7 +152,7 @@ def stop(process: subprocess.Popen, grace: float = 20) -> None:
 
 def write_pipeline_config(work: Path) -> Path:
     """A tiny pipeline: a random tiny SD built on the fly, a random tiny CLIP, a schedule for `serve`."""
-    from cleaning.models import create_model, save_model
+    from parclean.models import create_model, save_model
 
     clip = save_model(create_model("tiny-test", seed=0), work / "clip" / "model.safetensors")
     config = {

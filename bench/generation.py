@@ -23,7 +23,8 @@ from generation.config import GenerateConfig
 from generation.images import generate_batch, image_seed
 from generation.pipeline import load_pipeline, prepare_pipeline, resolve_device, resolve_dtype
 from generation.run import caption_list
-from generation.tiny_pipeline import build_clip_tokenizer, build_tiny_pipeline
+from generation.tiny_pipeline import build_tiny_pipeline
+from parclean.clip_bpe import build_clip_tokenizer
 
 
 def build_sd15_architecture(device: torch.device, dtype: torch.dtype, tokenizer_dir: Path):

@@ -173,8 +173,8 @@ def current_rows(cfg: ResultsConfig) -> dict[str, dict[str, Any]]:
 
 def organism_eval(cfg: ResultsConfig, organism: str):
     """The organism's own evaluation: its card's trigger and target, cfg.eval_count fresh toy images."""
-    from cleaning.attacks import Trigger
     from cleaning.report import EvalConfig
+    from parclean.attacks import Trigger
 
     card_path = Path(cfg.models_dir) / organism / "card.json"
     if not card_path.exists():
@@ -185,8 +185,8 @@ def organism_eval(cfg: ResultsConfig, organism: str):
 
 
 def measure_model(cfg: ResultsConfig, organism: str, weights: Path) -> dict[str, float]:
-    from cleaning.models import load_model
     from cleaning.report import measure
+    from parclean.models import load_model
 
     eval_cfg, kind = organism_eval(cfg, organism)
     result = measure(load_model(weights=weights), eval_cfg)
@@ -194,7 +194,8 @@ def measure_model(cfg: ResultsConfig, organism: str, weights: Path) -> dict[str,
 
 
 def run_cell(cfg: ResultsConfig, cell: Cell, work: Path) -> dict[str, Any]:
-    from cleaning.train import PERTURBING, clean
+    from cleaning.objectives import PERTURBING
+    from cleaning.train import clean
 
     data = {d.name: d for d in cfg.data}[cell.data]
     settings = cell_recipe(cfg, cell)

@@ -56,9 +56,9 @@ def scan_row(model: ScannedModel, seed: int, eval_count: int, sha: str) -> dict:
     """One scan of one model, with the organism's true target and the model's ASR on its trigger."""
     import torch
 
-    from cleaning.models import load_model
     from cleaning.report import EvalConfig, load_images, measure
     from cleaning.scan import ScanConfig, scan
+    from parclean.models import load_model
 
     torch.set_num_threads(1)
     loaded = load_model(weights=model.path)
@@ -68,7 +68,7 @@ def scan_row(model: ScannedModel, seed: int, eval_count: int, sha: str) -> dict:
     seconds = time.perf_counter() - start
     truth, asr = None, None
     if model.organism:
-        from cleaning.attacks import Trigger
+        from parclean.attacks import Trigger
 
         card = json.loads((Path(model.organism) / "card.json").read_text())
         truth = card["target"]

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from parclean.command import run_command
 from parclean.config import load_config
 
 
@@ -30,8 +31,8 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 
 
 def measure_runs(eval_config: str, start: str, runs: dict[str, Path]) -> list[dict[str, Any]]:
-    from cleaning.models import load_model
     from cleaning.report import EvalConfig, load_images, measure
+    from parclean.models import load_model
 
     cfg = load_config(EvalConfig, eval_config)
     first = load_model(weights=start)
@@ -84,17 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", action="append", required=True, metavar="NAME=DIR", help="a cleaning run's --out")
     parser.add_argument("--out", required=True, type=Path, help="writes OUT.json and OUT.png")
     args = parser.parse_args(argv)
-    try:
-        runs = {}
-        for text in args.run:
-            name, sep, folder = text.partition("=")
-            if not sep:
-                raise ValueError(f"--run {text!r}: expected NAME=DIR")
-            runs[name] = Path(folder)
-        rows = measure_runs(args.eval, args.start, runs)
-    except (OSError, ValueError) as err:
-        print(f"python -m bench.trajectory: error: {err}", file=sys.stderr)
-        return 2
+    return run_command("python -m bench.trajectory", lambda: measure_and_write(args))
+
+
+def measure_and_write(args: argparse.Namespace) -> int:
+    """Measure every run named by --run; write OUT.json and OUT.png; print the Markdown table."""
+    runs = {}
+    for text in args.run:
+        name, sep, folder = text.partition("=")
+        if not sep:
+            raise ValueError(f"--run {text!r}: expected NAME=DIR")
+        runs[name] = Path(folder)
+    rows = measure_runs(args.eval, args.start, runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     plot(rows, args.out.with_suffix(".png"))

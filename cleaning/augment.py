@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from parclean.models import normalize
+
 # Official utils.py: AddGaussianNoise(mean=0, std=0.2) applied with p=0.5; the noise is clipped to [0, 1]
 # (so non-negative) before it is added, and the sum clipped to [0, 1].
 NOISE_P = 0.5
@@ -59,13 +61,6 @@ def sample_uniforms(count: int, draws: int, *, seed: int, step: int, offset: int
     return torch.stack(rows) if rows else torch.empty(0, draws)
 
 
-def normalise(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """(images - mean) / std per channel."""
-    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    return (images - mean_t) / std_t
-
-
 def par_augment(images: Tensor, mean: Sequence[float], std: Sequence[float], *, seed: int, step: int,
                 offset: int = 0) -> Tensor:
     """PAR's augmentation: p=0.5 non-negative Gaussian noise, normalisation, p=0.5 small square erased to 0.
@@ -85,7 +80,7 @@ def par_augment(images: Tensor, mean: Sequence[float], std: Sequence[float], *, 
             noise.append(torch.randn(images.shape[1:], generator=generator, device=images.device, dtype=images.dtype))
         noise_t = (torch.stack(noise) * NOISE_STD).clamp(0, 1)
         images[noisy] = (images[noisy] + noise_t).clamp(0, 1)
-    images = normalise(images, mean, std)
+    images = normalize(images, mean, std)
     # Square side from the erased share of the area; top-left corner uniform over the valid positions.
     area = (ERASE_SCALE[0] + u[:, 2] * (ERASE_SCALE[1] - ERASE_SCALE[0])) * height * width
     side = area.sqrt().round().long()

@@ -25,7 +25,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from generation.shards import ShardError, read_manifest, shard_urls
+from parclean.shards import ShardError, read_manifest, shard_urls
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ class _Producer:
             epoch, offset = epoch + 1, 0
 
     def _epoch(self, epoch: int) -> Iterator[_Raw]:
-        import webdataset as wds  # imports torch; see generation.shards
+        import webdataset as wds  # imports torch; see parclean.shards
 
         shard_rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, _SHARD_ORDER]))
         order = shard_rng.permutation(len(self.shards))

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from parclean.config import load_config, parse_override
+from parclean.command import add_config_options, set_overrides
+from parclean.config import load_config
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,16 +17,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", help="open_clip pretrained tag (needs the hub)")
     parser.add_argument("--architecture", help="architecture of a checkpoint that does not name its own (a "
                         "training checkpoint, a plain state dict), e.g. ViT-B-32")
-    parser.add_argument("--eval", dest="eval_config", default=None, help="evaluation config YAML (configs/eval/)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an eval setting")
+    add_config_options(parser, config_flag="--eval", config_required=False,
+                       config_help="evaluation config YAML (configs/eval/)", set_help="override an eval setting")
 
 
 def model_and_eval(args: argparse.Namespace):
     """(the loaded model, the EvalConfig) named by add_model_arguments' options."""
-    from cleaning.models import load_model
     from cleaning.report import EvalConfig
+    from parclean.models import load_model
 
-    cfg = load_config(EvalConfig, args.eval_config, dict(parse_override(s) for s in args.set))
+    cfg = load_config(EvalConfig, args.config, set_overrides(args))
     if args.pretrained:
         return load_model(args.model, pretrained=args.pretrained), cfg
     return load_model(args.architecture, weights=args.model), cfg
@@ -80,8 +81,8 @@ def add_poison_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_poison(args: argparse.Namespace) -> int:
-    from cleaning.attacks import Trigger
     from cleaning.poison import poison_shards
+    from parclean.attacks import Trigger
 
     trigger = Trigger(kind=args.trigger, patch_size=args.patch_size, alpha=args.alpha, image=args.trigger_image)
     summary = poison_shards(args.shards, args.out, trigger, rate=args.rate, target=args.target, seed=args.seed)

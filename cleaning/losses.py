@@ -9,6 +9,7 @@ sees every negative, and PAR's distances and their cap are global batch means, a
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -82,33 +83,42 @@ def capped(d: Tensor, tau: float) -> Tensor:
     return torch.where(d <= tau, d, torch.zeros_like(d))
 
 
-def par_loss(image_features: Tensor, text_features: Tensor, reference_image_features: Tensor,
-             reference_text_features: Tensor, logit_scale: float | Tensor,
+@dataclass(frozen=True)
+class FeatureBatch:
+    """Unit features of one global batch: the (first) view's, CleanCLIP's augmented view's when the objective
+    has one, and the frozen reference model's of the first view when it has one."""
+
+    image: Tensor
+    text: Tensor
+    augmented: tuple[Tensor, Tensor] | None = None  # (image, text)
+    reference: tuple[Tensor, Tensor] | None = None  # (image, text)
+
+
+def par_loss(batch: FeatureBatch, logit_scale: float | Tensor, *,
              tau: float = DEFAULT_TAU) -> tuple[Tensor, dict[str, Tensor]]:
     """L_PAR = L_CLIP - L_PERT with L_PERT = 0.5 * (T(d_img) + T(d_txt)); returns (total, detached terms).
 
     The weight 0.5 and the cap of each modality's batch mean at tau follow the official losses.py
     (`loss_sum = lossclip - 0.5 * (img_loss + text_loss)`, each thresholded to 0 above `loss_thresh`).
     """
-    clip = clip_loss(image_features, text_features, logit_scale)
-    pert, distances = perturbation(image_features, text_features, reference_image_features,
-                                   reference_text_features, tau)
+    clip = clip_loss(batch.image, batch.text, logit_scale)
+    pert, distances = perturbation(batch, tau)
     terms = {"clip": clip, **distances, "pert": pert}
     return clip - pert, {name: value.detach() for name, value in terms.items()}
 
 
-def perturbation(image_features: Tensor, text_features: Tensor, reference_image_features: Tensor,
-                 reference_text_features: Tensor, tau: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """L_PERT = 0.5 * (T(d_img) + T(d_txt)), and the two distances."""
-    d_img = perturbation_distance(image_features, reference_image_features)
-    d_txt = perturbation_distance(text_features, reference_text_features)
+def perturbation(batch: FeatureBatch, tau: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """L_PERT = 0.5 * (T(d_img) + T(d_txt)) against the batch's reference features, and the two distances."""
+    if batch.reference is None:
+        raise ValueError("the perturbation term needs the frozen reference model's features")
+    d_img = perturbation_distance(batch.image, batch.reference[0])
+    d_txt = perturbation_distance(batch.text, batch.reference[1])
     return 0.5 * (capped(d_img, tau) + capped(d_txt, tau)), {"d_img": d_img, "d_txt": d_txt}
 
 
-def ft_loss(image_features: Tensor, text_features: Tensor,
-            logit_scale: float | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def ft_loss(batch: FeatureBatch, logit_scale: float | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """Plain fine-tuning (the FT baseline): L_CLIP alone; returns (total, detached terms)."""
-    clip = clip_loss(image_features, text_features, logit_scale)
+    clip = clip_loss(batch.image, batch.text, logit_scale)
     return clip, {"clip": clip.detach()}
 
 
@@ -118,34 +128,30 @@ def inmodal_loss(features: Tensor, augmented_features: Tensor, logit_scale: floa
     return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
 
-def cleanclip_loss(image_features: Tensor, text_features: Tensor, augmented_image_features: Tensor,
-                   augmented_text_features: Tensor, logit_scale: float | Tensor,
-                   clip_weight: float = DEFAULT_CLIP_WEIGHT,
+def cleanclip_loss(batch: FeatureBatch, logit_scale: float | Tensor, *, clip_weight: float = DEFAULT_CLIP_WEIGHT,
                    inmodal_weight: float = DEFAULT_INMODAL_WEIGHT) -> tuple[Tensor, dict[str, Tensor]]:
     """CleanCLIP: lambda1 * L_CLIP(original views) + lambda2 * (L_ss(images) + L_ss(texts)) / 2.
 
     As in the official CleanCLIP src/train.py: the cross-modal loss pairs the original views, and each in-modal
     loss is one cross-entropy of original rows against augmented columns, the two averaged.
     """
-    clip = clip_loss(image_features, text_features, logit_scale)
-    inmodal_img = inmodal_loss(image_features, augmented_image_features, logit_scale)
-    inmodal_txt = inmodal_loss(text_features, augmented_text_features, logit_scale)
+    if batch.augmented is None:
+        raise ValueError("CleanCLIP's loss needs the features of its augmented view")
+    clip = clip_loss(batch.image, batch.text, logit_scale)
+    inmodal_img = inmodal_loss(batch.image, batch.augmented[0], logit_scale)
+    inmodal_txt = inmodal_loss(batch.text, batch.augmented[1], logit_scale)
     inmodal = (inmodal_img + inmodal_txt) / 2
     total = clip_weight * clip + inmodal_weight * inmodal
     terms = {"clip": clip, "inmodal_img": inmodal_img, "inmodal_txt": inmodal_txt, "inmodal": inmodal}
     return total, {name: value.detach() for name, value in terms.items()}
 
 
-def par_cleanclip_loss(image_features: Tensor, text_features: Tensor, augmented_image_features: Tensor,
-                       augmented_text_features: Tensor, reference_image_features: Tensor,
-                       reference_text_features: Tensor, logit_scale: float | Tensor, tau: float = DEFAULT_TAU,
+def par_cleanclip_loss(batch: FeatureBatch, logit_scale: float | Tensor, *, tau: float = DEFAULT_TAU,
                        clip_weight: float = DEFAULT_CLIP_WEIGHT,
                        inmodal_weight: float = DEFAULT_INMODAL_WEIGHT) -> tuple[Tensor, dict[str, Tensor]]:
     """PAR's perturbation on top of CleanCLIP (not in the paper; a variant measured beside it):
     L_CleanCLIP - L_PERT, the distance taken on the original views against the frozen reference."""
-    cleanclip, terms = cleanclip_loss(image_features, text_features, augmented_image_features,
-                                      augmented_text_features, logit_scale, clip_weight, inmodal_weight)
-    pert, distances = perturbation(image_features, text_features, reference_image_features,
-                                   reference_text_features, tau)
+    cleanclip, terms = cleanclip_loss(batch, logit_scale, clip_weight=clip_weight, inmodal_weight=inmodal_weight)
+    pert, distances = perturbation(batch, tau)
     return cleanclip - pert, {**terms, **{name: value.detach() for name, value in distances.items()},
                               "pert": pert.detach()}

@@ -15,11 +15,11 @@ import numpy as np
 import PIL.Image
 import torch
 
-from cleaning.attacks import Trigger, apply_trigger, poison_indices, target_captions
-from generation.shards import Sample, ShardRecord, iter_samples, read_manifest, write_manifest, write_shard
+from parclean.attacks import Trigger, apply_trigger, poison_indices, target_captions
 from parclean.outputs import output_lock, require_empty
+from parclean.shards import Sample, ShardRecord, iter_samples, read_manifest, write_manifest, write_shard
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def poison_shards(source: str, out_dir: str | Path, trigger: Trigger, *, rate: float, target: str,
@@ -60,7 +60,7 @@ def _poison_shards(source: str, out_dir: Path, manifest: dict, trigger: Trigger,
                                        config_sha256=digest))
             samples = []
     write_manifest(out_dir, name, records, config, config_sha256=digest)
-    log.info("%s: poisoned %d of %d pairs", out_dir, len(chosen), total)
+    logger.info("%s: poisoned %d of %d pairs", out_dir, len(chosen), total)
     return {"out_dir": str(out_dir), "samples": total, "poisoned": len(chosen)}
 
 

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cleaning.attacks import Trigger, to_float_images
-from cleaning.evaluate import DEFAULT_TEMPLATES, LabelledImages, evaluate
-from cleaning.models import LoadedModel
+from parclean.attacks import Trigger
+from parclean.eval_sets import describe_registered, eval_set_names, load_eval_set
+from parclean.evaluate import DEFAULT_TEMPLATES, LabelledImages, evaluate
+from parclean.models import LoadedModel
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
@@ -23,7 +24,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 class EvalConfig:
     """Where the labelled images come from, which classes and prompts, and which triggers to test."""
 
-    data: str = "toyworld"  # "toyworld" (the organism's evaluation set) or an ImageFolder path (class/img.jpg)
+    data: str = "toyworld"  # a named eval set (parclean/eval_sets.py; "toyworld": the organism's) or an
+                            # ImageFolder path (class/img.jpg)
     count: int = 2000  # images to use (toyworld: how many to render; folder: at most this many)
     classnames: tuple[str, ...] | None = None  # None: the toy classes, or the folder's sub-folder names
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
@@ -34,11 +36,9 @@ class EvalConfig:
 
 def load_images(cfg: EvalConfig, image_size: int) -> LabelledImages:
     """The labelled evaluation images at the model's input size, in [0, 1]."""
-    if cfg.data == "toyworld":
-        from toyworld.render import classes, eval_set
-
-        images, labels = eval_set(cfg.count, image_size)
-        return LabelledImages(to_float_images(images), torch.from_numpy(labels), cfg.classnames or classes())
+    if cfg.data in eval_set_names():
+        data = load_eval_set(cfg.data, cfg.count, image_size)
+        return replace(data, classnames=cfg.classnames) if cfg.classnames else data
     return _image_folder(Path(cfg.data), cfg, image_size)
 
 
@@ -47,7 +47,8 @@ def _image_folder(root: Path, cfg: EvalConfig, image_size: int) -> LabelledImage
     from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize, ToTensor
 
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: evaluation image folder not found (expected CLASS/IMAGE files)")
+        raise FileNotFoundError(f"{root}: evaluation image folder not found (expected CLASS/IMAGE files, or the "
+                                f"name of an eval set; {describe_registered()})")
     folders = sorted(d for d in root.iterdir() if d.is_dir())
     if not folders:
         raise ValueError(f"{root}: no class sub-folders (expected CLASS/IMAGE files)")
@@ -204,3 +205,14 @@ def plot_training(log_path: str | Path, png_path: str | Path) -> Path:
     fig.savefig(png_path, dpi=90)
     plt.close(fig)
     return Path(png_path)
+
+
+def before_after_table(report_md: str | Path) -> str:
+    """The report's before/after rows as a plain-text table (from report.json beside report.md)."""
+    data = json.loads(Path(report_md).with_name("report.json").read_text())
+    before, after = data["before"], data["after"]
+    rows = [("clean accuracy (%)", before["clean_acc"], after["clean_acc"])]
+    rows += [(f"ASR {name} (%)", value, after["asr"].get(name)) for name, value in before["asr"].items()]
+    lines = [f"{'metric':<24}{'before':>8}{'after':>8}"]
+    lines += [f"{metric:<24}{b:>8.1f}{a:>8.1f}" for metric, b, a in rows]
+    return "\n".join(lines)

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cleaning.evaluate import LabelledImages, normalize, zero_shot_classifier
-from cleaning.models import LoadedModel
+from parclean.evaluate import LabelledImages, zero_shot_classifier
+from parclean.models import LoadedModel, normalize
 
 FORMS = ("patch", "blend")
 MAD_TO_SIGMA = 1.4826  # consistency constant: MAD * 1.4826 estimates a normal's standard deviation
@@ -118,7 +118,7 @@ def _smallest_trigger(loaded: LoadedModel, classifier: torch.Tensor, images: tor
     for step in range(cfg.steps):
         weight = torch.sigmoid(size_logit)
         triggered = (1 - weight) * images + weight * torch.sigmoid(pattern)
-        features = F.normalize(loaded.model.encode_image(normalize(loaded, triggered)), dim=-1)
+        features = F.normalize(loaded.model.encode_image(normalize(triggered, loaded.mean, loaded.std)), dim=-1)
         logits = 100.0 * features @ classifier.T  # CLIP's usual logit scale, the same for every model
         size = weight.mean()
         loss = F.cross_entropy(logits, labels) + cost * size

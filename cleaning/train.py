@@ -11,6 +11,7 @@ and every deviation from the official code (nmndeep/PerturbAndRecover).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -27,34 +28,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from cleaning.augment import cleanclip_image_view, cleanclip_text_view, normalise, par_augment
+from cleaning.augment import cleanclip_image_view, cleanclip_text_view, par_augment
+from cleaning.command import add_arguments
 from cleaning.losses import (
     DEFAULT_CLIP_WEIGHT,
     DEFAULT_INMODAL_WEIGHT,
     DEFAULT_TAU,
+    FeatureBatch,
     aligned_reference,
-    cleanclip_loss,
-    ft_loss,
     gather_features,
-    par_cleanclip_loss,
-    par_loss,
 )
-from cleaning.models import LoadedModel, load_model, save_model
+from cleaning.objectives import OBJECTIVES
 from parclean import console
-from parclean.config import to_dict, write_resolved
-from parclean.outputs import follow_umask, output_lock
+from parclean.command import run_command, set_overrides
+from parclean.config import load_config, to_dict, write_resolved
+from parclean.models import LoadedModel, load_model, normalize, save_model
+from parclean.outputs import claim_folder, follow_umask, output_lock
+from parclean.run_log import append_record, truncate_after
+from parclean.schedules import cosine, warmup_cosine
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
-OBJECTIVES = ("par", "ft", "cleanclip", "par_cleanclip")
-PERTURBING = ("par", "par_cleanclip")  # objectives with a frozen reference and tau
-TWO_VIEWS = ("cleanclip", "par_cleanclip")  # objectives with CleanCLIP's augmented second view
 SCHEDULES = ("official", "cosine", "constant")
 PRECISIONS = ("no", "fp16", "bf16")
 CHECKPOINTS = "checkpoints"
@@ -81,7 +81,7 @@ class DataConfig:
 class CleanConfig:
     """One cleaning recipe. Defaults: the paper's ViT-B/32 recipe (official trigger.sh and train.py)."""
 
-    objective: str = "par"  # par | ft | cleanclip | par_cleanclip (PAR's perturbation added to CleanCLIP)
+    objective: str = "par"  # a name in cleaning/objectives.py: par | ft | cleanclip | par_cleanclip
     tau: float = DEFAULT_TAU  # PAR's cap on each modality's mean squared embedding distance
     steps: int = 244  # optimizer steps (official: 2 epochs of 250k pairs at 4 x 512 = 122 steps per epoch)
     batch_size: int = 2048  # global contrastive batch per step: all processes and micro-batches together
@@ -142,13 +142,8 @@ def learning_rate(cfg: CleanConfig, step: int) -> float:
         middle = cfg.lr * cfg.linear_to
         if step < n1:
             return cfg.lr + (middle - cfg.lr) * step / max(1, n1 - 1)
-        start, length, top = n1, cfg.steps - n1, middle
-    else:
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        start, length, top = cfg.warmup_steps, cfg.steps - cfg.warmup_steps, cfg.lr
-    progress = min(1.0, (step - start) / max(1, length))
-    return cfg.lr_end + 0.5 * (top - cfg.lr_end) * (1 + math.cos(math.pi * progress))
+        return cosine(middle, cfg.lr_end, step - n1, cfg.steps - n1)
+    return warmup_cosine(cfg.lr, cfg.warmup_steps, step, cfg.steps, cfg.lr_end)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -179,8 +174,6 @@ def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path 
     had been interrupted there.
     Returns steps, seconds, samples/s and the final loss terms.
     """
-    from accelerate import PartialState
-
     # One process locks --out for the run: the main one (the others write only through Accelerate's barriers).
     # The process state is set up here as the Accelerator below asks for it (on the CPU when there is no GPU).
     main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
@@ -205,7 +198,7 @@ def _clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path
     in_memory = isinstance(model, LoadedModel)
     loaded = model if in_memory else _load(model, pretrained, architecture)
     reference = None
-    if cfg.objective in PERTURBING:
+    if OBJECTIVES[cfg.objective].needs_reference:
         reference = copy.deepcopy(loaded.model) if in_memory else _load(model, pretrained, architecture).model
         reference.eval().requires_grad_(False).to(accelerator.device)
     loaded.model.logit_scale.requires_grad_(False)  # official train.py uses logit_scale.exp().item(): a constant
@@ -224,7 +217,7 @@ def _clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path
     failing = _check_shards(accelerator, shards, cfg.data) if start < end and cfg.data.verify else 0
     main = accelerator.is_main_process
     if main:
-        log.info("%s on %d process(es), %s: steps %d..%d of %d, batch %d (%d per process, %d micro-batches)",
+        logger.info("%s on %d process(es), %s: steps %d..%d of %d, batch %d (%d per process, %d micro-batches)",
                  cfg.objective, world, accelerator.device, start, end, cfg.steps, cfg.batch_size, local_batch,
                  cfg.grad_accum)
     chunks = _chunks(local_batch, cfg.grad_accum)
@@ -261,7 +254,8 @@ def _clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path
 
             done = step + 1
             if main:
-                _append_log(out, {"step": done, "lr": lr, **terms, "seconds": round(time.perf_counter() - began, 3)})
+                elapsed = round(time.perf_counter() - began, 3)
+                append_record(out / LOG_NAME, {"step": done, "lr": lr, **terms, "seconds": elapsed})
                 bar.set_postfix({name: f"{value:.4g}" for name, value in terms.items()}, refresh=False)
                 bar.update(1)
             if done % cfg.checkpoint_every == 0 or done == end:
@@ -335,7 +329,7 @@ def _check_shards(accelerator: Accelerator, shards: str, data: DataConfig) -> in
     with on_error=fail, a ShardError naming the first; with skip, a warning each, and their count."""
     from accelerate.utils import broadcast_object_list
 
-    from generation.shards import ShardError, read_manifest, verify_shards
+    from parclean.shards import ShardError, read_manifest, verify_shards
 
     found: list[list[str] | None] = [None]
     if accelerator.is_main_process:
@@ -349,7 +343,7 @@ def _check_shards(accelerator: Accelerator, shards: str, data: DataConfig) -> in
         raise ShardError(f"{shards}: {problems[0]}{more}: the set changed after its manifest was written; regenerate "
                          "it, or set data.on_error=skip to train on it anyway")
     for problem in problems:
-        log.warning("%s: %s; training on it anyway (data.on_error=skip)", shards, problem)
+        logger.warning("%s: %s; training on it anyway (data.on_error=skip)", shards, problem)
     return len({p.split(":")[0] for p in problems})
 
 
@@ -367,19 +361,19 @@ def _data_errors(accelerator: Accelerator, stats: Any, failing: int) -> dict[str
 
 def _views(cfg: CleanConfig, loaded: LoadedModel, images: Tensor, tokens: Tensor, step: int,
            offset: int) -> list[tuple[Tensor, Tensor]]:
-    """Model inputs (normalised images, tokens): one view for par/ft; for cleanclip and par_cleanclip the first
-    view and CleanCLIP's augmented one. PAR's augmentation (cfg.augment) applies to the first view, except in
-    cleanclip, whose first view is the original."""
+    """Model inputs (normalised images, tokens): the first view, then CleanCLIP's augmented one when the objective
+    reads it. PAR's augmentation (cfg.augment) applies to the first view when the objective asks for it."""
     mean, std = loaded.mean, loaded.std
-    if cfg.augment and cfg.objective != "cleanclip":
+    objective = OBJECTIVES[cfg.objective]
+    if cfg.augment and objective.augment_first_view:
         first = (par_augment(images, mean, std, seed=cfg.seed, step=step, offset=offset), tokens)
     else:
-        first = (normalise(images, mean, std), tokens)
-    if cfg.objective not in TWO_VIEWS:
+        first = (normalize(images, mean, std), tokens)
+    if not objective.cleanclip_view:
         return [first]
     augmented = cleanclip_image_view(images, seed=cfg.seed, step=step, offset=offset)
     augmented_tokens = cleanclip_text_view(tokens, seed=cfg.seed, step=step, offset=offset)
-    return [first, (normalise(augmented, mean, std), augmented_tokens)]
+    return [first, (normalize(augmented, mean, std), augmented_tokens)]
 
 
 def _encode(model: torch.nn.Module, views: list[tuple[Tensor, Tensor]], rows: slice) -> list[tuple[Tensor, Tensor]]:
@@ -412,16 +406,8 @@ def _objective(cfg: CleanConfig, features: list[tuple[Tensor, Tensor]], referenc
     (image, text), *others = [(gather_features(i), gather_features(t)) for i, t in features]
     if reference is not None and cfg.align_reference:
         reference = aligned_reference(image, text, *reference)
-    if cfg.objective == "par":
-        return par_loss(image, text, reference[0], reference[1], logit_scale, cfg.tau)
-    if cfg.objective == "ft":
-        return ft_loss(image, text, logit_scale)
-    (augmented_image, augmented_text), = others
-    if cfg.objective == "par_cleanclip":
-        return par_cleanclip_loss(image, text, augmented_image, augmented_text, reference[0], reference[1],
-                                  logit_scale, cfg.tau, cfg.clip_weight, cfg.inmodal_weight)
-    return cleanclip_loss(image, text, augmented_image, augmented_text, logit_scale, cfg.clip_weight,
-                          cfg.inmodal_weight)
+    batch = FeatureBatch(image, text, augmented=others[0] if others else None, reference=reference)
+    return OBJECTIVES[cfg.objective].loss(batch, logit_scale, cfg)
 
 
 def _stop_if_not_finite(step: int, terms: dict[str, float]) -> None:
@@ -491,8 +477,8 @@ def _start_or_resume(accelerator: Accelerator, out: Path, cfg: CleanConfig, star
     accelerator.load_state(str(path))
     scheduler.load_state_dict(json.loads((path / SCHEDULER_NAME).read_text()))
     if accelerator.is_main_process:
-        log.info("resumed from %s (step %d)", path, step)
-        _truncate_log(out / LOG_NAME, step)
+        logger.info("resumed from %s (step %d)", path, step)
+        truncate_after(out / LOG_NAME, step)
     return step
 
 
@@ -577,33 +563,24 @@ def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int, 
     accelerator.wait_for_everyone()
 
 
-def _append_log(out: Path, record: dict[str, Any]) -> None:
-    with open(out / LOG_NAME, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines of steps after the checkpoint resumed from: they are run again."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+def run(args: argparse.Namespace) -> int:
+    """`parclean clean`: load the recipe, claim --out, clean, print the result as JSON (main process)."""
+    cfg = load_config(CleanConfig, args.config, set_overrides(args))
+    claim_folder(args.out, "cleaning run", overwrite=args.overwrite)
+    result = clean(cfg, args.model, args.shards, args.out, pretrained=args.pretrained,
+                   architecture=args.architecture, stop_after=args.stop_after, progress=not args.no_progress)
+    if PartialState().is_main_process:
+        print(json.dumps(result))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """`accelerate launch -m cleaning.train` entry point: the arguments of `parclean clean`."""
-    import argparse
-
-    from cleaning.command import add_arguments, run  # command.py imports this module: import it here
-
     parser = argparse.ArgumentParser(prog="python -m cleaning.train", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     console.configure(verbose=False)  # our lines; Accelerate's per-checkpoint lines only with `parclean -v`
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"cleaning.train: error: {err}", file=sys.stderr)
-        return 2
+    return run_command("cleaning.train", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from cleaning.scan import ScanConfig, scan, verdict_text
 from cleaning.train import LOG_NAME, CleanConfig, clean
 from flows.config import LAUNCHERS
 from flows.progress import TrainingWatcher, artifact_key
-from parclean.config import ConfigError, from_dict, load_config, to_dict
+from parclean.config import ConfigError, load_config, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -38,48 +38,36 @@ LAUNCH_CONFIG_NAME = "launch_config.yaml"
 EMBED_LIMIT_BYTES = 300_000
 
 
-def resolve(cls: type, config: str | Path | dict | Any, overrides: dict | None = None) -> Any:
-    """A stage config from a YAML path, a mapping of settings or a config object (plus overrides)."""
-    if isinstance(config, cls):
-        config = to_dict(config)
-    if isinstance(config, dict):
-        return from_dict(cls, {**config, **(overrides or {})}, source=f"<{cls.__name__}>")
-    return load_config(cls, config, overrides)
-
-
 @task(name="evaluate", task_run_name="evaluate-{label}", cache_policy=NO_CACHE)
-def evaluate_task(model: str, eval_config: dict, label: str) -> dict[str, Any]:
+def evaluate_task(model: str, eval_cfg: EvalConfig, label: str) -> dict[str, Any]:
     """Clean accuracy and ASR per trigger of the checkpoint at `model` (percent), and the seconds it took."""
-    from cleaning.models import load_model
+    from parclean.models import load_model
 
     start = time.perf_counter()
-    result = measure(load_model(weights=model), from_dict(EvalConfig, eval_config, source="<eval config>"))
+    result = measure(load_model(weights=model), eval_cfg)
     result["seconds"] = round(time.perf_counter() - start, 3)
     logger.info("%s: clean accuracy %.1f%%, %s", label, result["clean_acc"], asr_text(result["asr"]))
     return result
 
 
 @task(name="scan", task_run_name="scan-{label}", cache_policy=NO_CACHE)
-def scan_task(model: str, eval_config: dict, scan_config: dict, label: str) -> dict[str, Any]:
+def scan_task(model: str, eval_cfg: EvalConfig, scan_cfg: ScanConfig, label: str) -> dict[str, Any]:
     """The trigger-agnostic backdoor scan of the checkpoint at `model` on the eval config's clean images."""
-    from cleaning.models import load_model
+    from parclean.models import load_model
 
-    eval_cfg = from_dict(EvalConfig, eval_config, source="<eval config>")
     loaded = load_model(weights=model)
     start = time.perf_counter()
-    result = scan(loaded, load_images(eval_cfg, loaded.image_size), from_dict(ScanConfig, scan_config,
-                  source="<scan config>"), eval_cfg.templates)
+    result = scan(loaded, load_images(eval_cfg, loaded.image_size), scan_cfg, eval_cfg.templates)
     result["seconds"] = round(time.perf_counter() - start, 3)
     logger.info("scan %s: %s", label, verdict_text(result))
     return result
 
 
 @task(name="clean", task_run_name="clean", cache_policy=NO_CACHE)
-def clean_task(model: str, shards: str, clean_config: dict, out_dir: str, launcher: str = "in-process",
+def clean_task(model: str, shards: str, cfg: CleanConfig, out_dir: str, launcher: str = "in-process",
                num_processes: int = 1, accelerate_args: list[str] | None = None,
                artifact_prefix: str = "clean") -> dict[str, Any]:
     """Run the cleaning stage, its progress in an artifact and the log; a rerun of out_dir resumes."""
-    cfg = from_dict(CleanConfig, clean_config, source="<clean config>")
     watcher = TrainingWatcher(Path(out_dir) / LOG_NAME, cfg.steps, cfg.batch_size,
                               key=artifact_key(artifact_prefix, "cleaning-progress"))
     with watcher:
@@ -142,12 +130,12 @@ def publish_report_task(out_dir: str, artifact_prefix: str) -> str:
     return str(out / "report.md")
 
 
-@flow(name="clean-model", validate_parameters=False)
+@flow(name="clean-model")
 def clean_model_flow(
     model: str,
     shards: str,
-    clean_config: str | dict | CleanConfig,
-    eval_config: str | dict | EvalConfig,
+    clean_config: str | Path | CleanConfig | dict[str, Any],
+    eval_config: str | Path | EvalConfig | dict[str, Any],
     out_dir: str,
     launcher: str = "in-process",
     num_processes: int = 1,
@@ -156,7 +144,7 @@ def clean_model_flow(
     extra_timings: dict | None = None,
     artifact_prefix: str | None = None,
     publish: bool = True,
-    scan_config: dict | ScanConfig | None = None,
+    scan_config: str | Path | ScanConfig | dict[str, Any] | None = None,
 ) -> str:
     """Evaluate `model`, clean it on `shards`, evaluate the result, publish the report; returns report.md's path.
 
@@ -165,26 +153,25 @@ def clean_model_flow(
     artifact_prefix: starts every artifact key (default: out_dir's name); publish: False leaves the report's
     artifacts to the calling flow (the pipeline publishes them on its own run).
     """
-    clean_cfg = resolve(CleanConfig, clean_config)
-    eval_cfg = resolve(EvalConfig, eval_config)
+    clean_cfg = load_config(CleanConfig, clean_config)
+    eval_cfg = load_config(EvalConfig, eval_config)
     if launcher not in LAUNCHERS:
         raise ConfigError(f"launcher={launcher!r}: use one of {', '.join(LAUNCHERS)}")
     model, shards, out = str(model), str(shards), str(out_dir)
     prefix = artifact_prefix or Path(out).resolve().name
-    eval_settings = to_dict(eval_cfg)
-    scan_settings = None if scan_config is None else to_dict(resolve(ScanConfig, scan_config))
-    before = evaluate_task(model, eval_settings, label="before")
+    scan_cfg = None if scan_config is None else load_config(ScanConfig, scan_config)
+    before = evaluate_task(model, eval_cfg, label="before")
     timings = {**(extra_timings or {}), "evaluate before": before.pop("seconds")}
-    if scan_settings is not None:
-        before["scan"] = scan_task(model, eval_settings, scan_settings, label="before")
+    if scan_cfg is not None:
+        before["scan"] = scan_task(model, eval_cfg, scan_cfg, label="before")
         timings["scan before"] = before["scan"].pop("seconds")
     start = time.perf_counter()
-    result = clean_task(model, shards, to_dict(clean_cfg), out, launcher, num_processes, accelerate_args, prefix)
+    result = clean_task(model, shards, clean_cfg, out, launcher, num_processes, accelerate_args, prefix)
     timings["clean"] = round(time.perf_counter() - start, 3)
-    after = evaluate_task(str(Path(out) / MODEL_NAME), eval_settings, label="after")
+    after = evaluate_task(str(Path(out) / MODEL_NAME), eval_cfg, label="after")
     timings["evaluate after"] = after.pop("seconds")
-    if scan_settings is not None:
-        after["scan"] = scan_task(str(Path(out) / MODEL_NAME), eval_settings, scan_settings, label="after")
+    if scan_cfg is not None:
+        after["scan"] = scan_task(str(Path(out) / MODEL_NAME), eval_cfg, scan_cfg, label="after")
         timings["scan after"] = after["scan"].pop("seconds")
     settings = report_settings(model, shards, clean_cfg, eval_cfg, result, extra_settings)
     report_md = write_report_task(before, after, settings, timings, out)
@@ -194,7 +181,7 @@ def clean_model_flow(
 def report_settings(model: str, shards: str, clean_cfg: CleanConfig, eval_cfg: EvalConfig, result: dict,
                     extra: dict | None) -> dict[str, Any]:
     """What a reader needs to reproduce the numbers: model, data size, recipe, evaluation, poison when known."""
-    from generation.shards import read_manifest
+    from parclean.shards import read_manifest
 
     settings: dict[str, Any] = {"model": model, **_poison_of(model), "shards": shards,
                                 "data size (pairs)": read_manifest(shards).get("total_samples")}

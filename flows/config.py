@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from cleaning.report import EvalConfig
 from cleaning.scan import ScanConfig
 from cleaning.train import CleanConfig
 from generation.config import GenerateConfig
-from parclean.config import ConfigError, from_dict, load_config, to_dict
 
 RUNNERS = ("local", "dask")
 LAUNCHERS = ("in-process", "accelerate")
@@ -110,30 +107,3 @@ class PipelineConfig:
             raise ValueError("model: give the CLIP checkpoint to clean")
         if self.sample_grid < 0:
             raise ValueError(f"sample_grid={self.sample_grid}: must be >= 0")
-
-
-def load_pipeline_config(config: str | Path | dict | PipelineConfig, overrides: dict[str, Any] | None = None
-                         ) -> PipelineConfig:
-    """A PipelineConfig from a YAML path, a mapping of settings or a config, plus dotted overrides."""
-    if isinstance(config, PipelineConfig):
-        config = to_dict(config)
-    if isinstance(config, dict):
-        data = to_dict_deep(config)
-        for dotted, value in (overrides or {}).items():
-            _set_dotted(data, dotted.split("."), value)
-        return from_dict(PipelineConfig, data, source="<pipeline config>")
-    return load_config(PipelineConfig, config, overrides)
-
-
-def to_dict_deep(data: dict[str, Any]) -> dict[str, Any]:
-    """A copy of nested dicts, so overrides never change the caller's mapping."""
-    return {key: to_dict_deep(value) if isinstance(value, dict) else value for key, value in data.items()}
-
-
-def _set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
-    for key in keys[:-1]:
-        child = data.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {'.'.join(keys)}: {key} is not a group of settings")
-        data = child
-    data[keys[-1]] = value

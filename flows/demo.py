@@ -8,55 +8,36 @@ configs/pipeline/demo.yaml. Without PREFECT_API_URL, Prefect runs a temporary lo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
-from parclean.config import parse_override
+from parclean.command import add_config_options, set_overrides
+from parclean.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "pipeline" / "demo.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    parser.add_argument("--config", default=str(DEMO_CONFIG), help="pipeline config (default: the demo's)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting, e.g. --set clean.steps=50 (repeatable)")
+    add_config_options(parser, config_help="pipeline config (default: the demo's)", config_default=str(DEMO_CONFIG),
+                       set_help="override a setting, e.g. --set clean.steps=50 (repeatable)",
+                       out_help="output folder (default: runs/demo)", out_default="runs/demo")
     parser.add_argument("--overwrite", action="store_true", help="write into --out even if it holds another kind of "
                         "output")
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.config import load_pipeline_config
+    from flows.config import PipelineConfig
 
-    overrides = {"out": args.out, **dict(parse_override(text) for text in args.set)}
-    cfg = load_pipeline_config(args.config, overrides)  # a bad config fails here, before Prefect starts
+    overrides = {"out": args.out, **set_overrides(args)}
+    cfg = load_config(PipelineConfig, args.config, overrides)  # a bad config fails here, before Prefect starts
     model = Path(cfg.model)
     if not model.exists():
         raise FileNotFoundError(f"{model}: the poisoned CLIP to clean is missing. The organism is built with "
                                 "`python -m toyworld.train_clip --config configs/organism/badnet.yaml --out "
                                 "toyworld/models/clip-badnet`; or point the demo at another checkpoint with "
                                 "--set model=PATH")
-    from flows.serve import prepare_logging
+    from flows.serve import run_pipeline
 
-    prepare_logging()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry attempts
-    from flows.pipeline import data_free_clean_flow, pipeline_outputs_locked
-
-    with pipeline_outputs_locked(cfg, f"parclean demo --out {args.out}", args.overwrite):
-        report = data_free_clean_flow(args.config, overrides)
-    print(before_after_table(report))
-    print(f"report: {report}")
-    return 0
-
-
-def before_after_table(report_md: str | Path) -> str:
-    """The report's before/after rows as a plain-text table (from report.json beside report.md)."""
-    data = json.loads(Path(report_md).with_name("report.json").read_text())
-    before, after = data["before"], data["after"]
-    rows = [("clean accuracy (%)", before["clean_acc"], after["clean_acc"])]
-    rows += [(f"ASR {name} (%)", value, after["asr"].get(name)) for name, value in before["asr"].items()]
-    lines = [f"{'metric':<24}{'before':>8}{'after':>8}"]
-    lines += [f"{metric:<24}{b:>8.1f}{a:>8.1f}" for metric, b, a in rows]
-    return "\n".join(lines)
+    return run_pipeline(args.config, overrides, f"parclean demo --out {args.out}", args.overwrite)

@@ -36,8 +36,8 @@ from generation.run import (
     shard_plan,
     write_set_manifest,
 )
-from generation.shards import shard_is_complete
-from parclean.config import ConfigError, from_dict, load_config, to_dict
+from parclean.config import ConfigError, load_config, to_dict
+from parclean.shards import shard_is_complete
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -61,16 +61,6 @@ PIPELINE_FIELDS = ("model", "device", "dtype", "scheduler", "compile", "channels
 # per-call state in its scheduler, so calls on one pipeline are serialised by the lock that comes with it.
 _PIPELINES: dict[str, tuple[DiffusionPipeline, threading.Lock]] = {}
 _PIPELINES_LOCK = threading.Lock()
-
-
-def resolve_generate_config(config: str | Path | dict | GenerateConfig,
-                            overrides: dict | None = None) -> GenerateConfig:
-    """A GenerateConfig from a YAML path, a mapping of settings or a config (plus overrides); ConfigError if bad."""
-    if isinstance(config, GenerateConfig):
-        config = to_dict(config)
-    if isinstance(config, dict):
-        return from_dict(GenerateConfig, {**config, **(overrides or {})}, source="<generate config>")
-    return load_config(GenerateConfig, config, overrides)
 
 
 def is_transient(error: BaseException) -> bool:
@@ -112,10 +102,9 @@ def cached_pipeline(cfg: GenerateConfig) -> tuple[DiffusionPipeline, threading.L
     cache_policy=NO_CACHE,  # the shard's done marker is the cache (see docs/flows.md)
 )
 def generate_shard_task(
-    config: dict, out_dir: str, index: int, captions: list[Caption], gpu_limit: str | None = None
+    cfg: GenerateConfig, out_dir: str, index: int, captions: list[Caption], gpu_limit: str | None = None
 ) -> dict[str, Any]:
     """Generate shard `index` unless it is already complete; return a small record (never images)."""
-    cfg = from_dict(GenerateConfig, config, source="<generate config>")
     if shard_is_complete(out_dir, cfg.name, index, len(captions), config_sha256(cfg)):
         return {"index": index, "written": False}
     pipe, lock = cached_pipeline(cfg)
@@ -127,15 +116,14 @@ def generate_shard_task(
 
 
 @task(name="write-manifest", task_run_name="write-manifest", cache_policy=NO_CACHE)
-def write_manifest_task(config: dict, out_dir: str, num_shards: int) -> str:
+def write_manifest_task(cfg: GenerateConfig, out_dir: str, num_shards: int) -> str:
     """manifest.json and sizes.json over all shards, read back from their done markers."""
-    cfg = from_dict(GenerateConfig, config, source="<generate config>")
     return str(write_set_manifest(cfg, out_dir, num_shards))
 
 
-@flow(name="generate-shards", validate_parameters=False)
+@flow(name="generate-shards")
 def generate_shards_flow(
-    config: str | dict | GenerateConfig,
+    config: str | Path | GenerateConfig | dict[str, Any],
     out_dir: str,
     runner: str = "local",
     dask_address: str | None = None,
@@ -153,13 +141,12 @@ def generate_shards_flow(
     gpu_limit: name of a Prefect global concurrency limit each shard holds a slot of while it generates.
     artifact_prefix: starts the keys of the progress and summary artifacts (default: out_dir's name).
     """
-    cfg = resolve_generate_config(config, overrides)
+    cfg = load_config(GenerateConfig, config, overrides)
     pool = task_runner(runner, dask_address, n_workers)  # checked before anything is written
     out = str(out_dir)
     check_output_folder(cfg, out)
     record_config(cfg, out)
     plan = shard_plan(cfg)  # the caption list, computed once
-    settings = to_dict(cfg)
     shard_task = generate_shard_task.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     made_by = config_sha256(cfg)
     todo = [(i, captions) for i, captions in enumerate(plan)
@@ -172,12 +159,12 @@ def generate_shards_flow(
     start = time.perf_counter()
     with pool, watcher:
         results, failed = _run_shards(pool, shard_task, todo, window(runner, n_workers, dask_address),
-                                      {"config": settings, "out_dir": out, "gpu_limit": gpu_limit})
+                                      {"cfg": cfg, "out_dir": out, "gpu_limit": gpu_limit})
     shutil.rmtree(counters, ignore_errors=True)
     if failed:
         logger.error("%d of %d shards failed; finished shards are kept and a rerun resumes", len(failed), len(todo))
         failed[0].result()  # raises the first failure, which fails the flow run with its message
-    manifest = write_manifest_task(settings, out, len(plan))
+    manifest = write_manifest_task(cfg, out, len(plan))
     summary = _summary(cfg, out, manifest, results, time.perf_counter() - start)
     create_markdown_artifact(_summary_markdown(summary), key=artifact_key(prefix, "shard-set"),
                              description="shard set")

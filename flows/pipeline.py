@@ -27,13 +27,13 @@ from prefect.runtime import flow_run
 from cleaning.report import Report
 from cleaning.train import check_resumable
 from flows.clean import clean_model_flow, publish_report_task
-from flows.config import PipelineConfig, load_pipeline_config
+from flows.config import PipelineConfig, TinySDConfig
 from flows.generate import generate_shards_flow
 from flows.progress import artifact_key
 from generation.config import GenerateConfig
-from generation.shards import MANIFEST_NAME, ShardError, iter_samples, verify_shards
-from parclean.config import from_dict, to_dict, write_resolved
+from parclean.config import load_config, to_dict, write_resolved
 from parclean.outputs import claim_folder, output_lock
+from parclean.shards import MANIFEST_NAME, ShardError, iter_samples, verify_shards
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -73,24 +73,23 @@ def is_complete_set(folder: str | Path) -> bool:
 
 
 @task(name="prepare-generator", task_run_name="prepare-generator", cache_policy=NO_CACHE)
-def prepare_generator_task(generate: dict, tiny_sd: dict | None) -> str:
+def prepare_generator_task(generate: GenerateConfig, tiny_sd: TinySDConfig | None) -> str:
     """The generator's description for the report; builds the random tiny SD first when the config asks."""
-    model = Path(generate["model"])
+    model = Path(generate.model)
     if tiny_sd is None:
-        return generate["model"]
+        return generate.model
     if not (model / "model_index.json").is_file():
         from generation.tiny_pipeline import build_tiny_pipeline
 
         logger.warning("tiny_sd is set: building a RANDOM, untrained tiny Stable Diffusion at %s", model)
-        build_tiny_pipeline(model, seed=tiny_sd["seed"], sample_size=tiny_sd["size"])
+        build_tiny_pipeline(model, seed=tiny_sd.seed, sample_size=tiny_sd.size)
     return f"{model} (random tiny SD, untrained: tiny_sd in the config)"
 
 
 @task(name="locate-shards", task_run_name="locate-shards", cache_policy=NO_CACHE)
-def locate_shards_task(generate: dict, cache_root: str) -> dict[str, Any]:
+def locate_shards_task(generate: GenerateConfig, cache_root: str) -> dict[str, Any]:
     """The shard set's folder for this config, and whether a complete, verified set is already there."""
-    cfg = from_dict(GenerateConfig, generate, source="<generate config>")
-    folder = shard_set_folder(cfg, cache_root)
+    folder = shard_set_folder(generate, cache_root)
     return {"folder": str(folder), "complete": is_complete_set(folder)}
 
 
@@ -113,27 +112,28 @@ def sample_grid_task(shards: str, count: int, artifact_prefix: str = "pipeline")
     return markdown
 
 
-@flow(name="data-free-clean", validate_parameters=False)
-def data_free_clean_flow(pipeline_config: str | dict | PipelineConfig, overrides: dict | None = None) -> str:
+@flow(name="data-free-clean")
+def data_free_clean_flow(pipeline_config: str | Path | PipelineConfig | dict[str, Any],
+                         overrides: dict[str, Any] | None = None) -> str:
     """Generate (or reuse) the shard set, clean the model on it, evaluate and report; returns report.md's path."""
-    cfg = load_pipeline_config(pipeline_config, overrides)
+    cfg = load_config(PipelineConfig, pipeline_config, overrides)
     # Re-entrant: `parclean run` and `demo` hold these locks already; a served or deployed run takes them here.
     with pipeline_outputs_locked(cfg, f"data-free-clean flow run {flow_run.get_id()}"):
         return _data_free_clean(cfg, pipeline_name(pipeline_config))
 
 
 def _data_free_clean(cfg: PipelineConfig, prefix: str) -> str:
-    generate = to_dict(cfg.generate)
-    generator = prepare_generator_task(generate, to_dict(cfg.tiny_sd) if cfg.tiny_sd else None)
-    shards = locate_shards_task(generate, cfg.shard_cache)
+    generator = prepare_generator_task(cfg.generate, cfg.tiny_sd)
+    shards = locate_shards_task(cfg.generate, cfg.shard_cache)
     if shards["complete"]:
         logger.info("reusing the complete shard set %s", shards["folder"])
         summary = {"shards_written": 0, "seconds": 0.0}
     else:
         runner = cfg.runner
-        summary = generate_shards_flow(generate, shards["folder"], runner=runner.kind, dask_address=runner.dask_address,
-                                       n_workers=runner.n_workers, retries=runner.retries,
-                                       retry_delay_seconds=runner.retry_delay_seconds, gpu_limit=runner.gpu_limit,
+        summary = generate_shards_flow(cfg.generate, shards["folder"], runner=runner.kind,
+                                       dask_address=runner.dask_address, n_workers=runner.n_workers,
+                                       retries=runner.retries, retry_delay_seconds=runner.retry_delay_seconds,
+                                       gpu_limit=runner.gpu_limit,
                                        artifact_prefix=prefix)
     if cfg.sample_grid:
         sample_grid_task(shards["folder"], cfg.sample_grid, prefix)
@@ -141,11 +141,11 @@ def _data_free_clean(cfg: PipelineConfig, prefix: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     extra = {"generator": generator, "bank": cfg.generate.bank, "generation seed": cfg.generate.seed,
              "shard set reused": shards["complete"], "shards generated": summary["shards_written"]}
-    clean_model_flow(cfg.model, shards["folder"], to_dict(cfg.clean), to_dict(cfg.eval), str(out),
+    clean_model_flow(cfg.model, shards["folder"], cfg.clean, cfg.eval, str(out),
                      launcher=cfg.launch.launcher, num_processes=cfg.launch.num_processes,
                      accelerate_args=list(cfg.launch.accelerate_args), extra_settings=extra,
                      extra_timings={"generate": summary["seconds"]}, artifact_prefix=prefix, publish=False,
-                     scan_config=to_dict(cfg.scan) if cfg.scan is not None else None)
+                     scan_config=cfg.scan)
     write_resolved(cfg, out / "pipeline.yaml")  # once the run got past every check
     # Published here, so the run the terminal links to shows the result.
     report = publish_report_task(str(out), prefix)

@@ -13,7 +13,8 @@ import logging
 import os
 from pathlib import Path
 
-from parclean.config import parse_override
+from parclean.command import add_config_options, set_overrides
+from parclean.config import load_config
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +33,16 @@ def prepare_logging() -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="pipeline config with a schedule, e.g. "
-                        "configs/pipeline/nightly.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting for every scheduled run, e.g. --set clean.steps=600 (repeatable)")
+    add_config_options(parser, config_help="pipeline config with a schedule, e.g. configs/pipeline/nightly.yaml",
+                       set_help="override a setting for every scheduled run, e.g. --set clean.steps=600 "
+                                "(repeatable)")
     parser.add_argument("--name", help="deployment name (default: the config's schedule.deployment)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Register the deployment `data-free-clean/<name>` with its cron schedule and run its flow runs until ^C."""
     prepare_logging()
-    deployment = build_deployment(args.config, _overrides(args.set), args.name)
+    deployment = build_deployment(args.config, set_overrides(args), args.name)
     if not os.environ.get("PREFECT_API_URL"):
         logger.warning("PREFECT_API_URL is not set: serving against a temporary server that stops with this "
                        "process. Start `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api "
@@ -78,11 +78,11 @@ def build_deployment(config: str | Path, overrides: dict | None = None, name: st
     """The RunnerDeployment of data_free_clean for `config` (checked first; it must have a schedule)."""
     from prefect.schedules import Cron
 
-    from flows.config import load_pipeline_config
+    from flows.config import PipelineConfig
     from flows.pipeline import data_free_clean_flow
 
     path = Path(config).resolve()
-    cfg = load_pipeline_config(path, overrides)
+    cfg = load_config(PipelineConfig, path, overrides)
     if cfg.schedule is None:
         raise ValueError(f"{config}: no schedule to serve; add e.g. `schedule: {{cron: '0 2 * * *'}}`, or run it "
                          f"once with `parclean run --config {config}`")
@@ -96,28 +96,29 @@ def build_deployment(config: str | Path, overrides: dict | None = None, name: st
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="pipeline config, e.g. configs/pipeline/demo.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting, e.g. --set out=runs/x --set generate.num_samples=500 (repeatable)")
+    add_config_options(parser, config_help="pipeline config, e.g. configs/pipeline/demo.yaml",
+                       set_help="override a setting, e.g. --set out=runs/x --set generate.num_samples=500 "
+                                "(repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="write into out even if it holds another kind of "
                         "output")
 
 
 def run_once(args: argparse.Namespace) -> int:
     """Run data_free_clean once; print the before/after table and the report's path."""
-    from flows.config import load_pipeline_config
+    return run_pipeline(args.config, set_overrides(args), f"parclean run --config {args.config}", args.overwrite)
 
-    cfg = load_pipeline_config(args.config, _overrides(args.set))  # a bad config fails here, before Prefect starts
+
+def run_pipeline(config: str, overrides: dict, command: str, overwrite: bool) -> int:
+    """Run data_free_clean once under an output lock held for `command`; print the before/after table."""
+    from flows.config import PipelineConfig
+
+    cfg = load_config(PipelineConfig, config, overrides)  # a bad config fails here, before Prefect starts
     prepare_logging()
-    from flows.demo import before_after_table
+    from cleaning.report import before_after_table
     from flows.pipeline import data_free_clean_flow, pipeline_outputs_locked
 
-    with pipeline_outputs_locked(cfg, f"parclean run --config {args.config}", args.overwrite):
-        report = data_free_clean_flow(args.config, _overrides(args.set))
+    with pipeline_outputs_locked(cfg, command, overwrite):
+        report = data_free_clean_flow(config, overrides)
     print(before_after_table(report))
     print(f"report: {report}")
     return 0
-
-
-def _overrides(texts: list[str]) -> dict:
-    return dict(parse_override(text) for text in texts)

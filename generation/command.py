@@ -5,33 +5,32 @@ from __future__ import annotations
 import argparse
 import json
 
-from parclean.config import parse_override
+from parclean.command import add_config_options, set_overrides
+from parclean.config import load_config
 from parclean.outputs import claim_folder, output_lock, require_empty
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config, e.g. configs/generate/tiny-cpu.yaml")
-    parser.add_argument("--out", required=True, help="output folder for the shards (a rerun resumes it)")
+    add_config_options(parser, config_help="YAML config, e.g. configs/generate/tiny-cpu.yaml", config_required=False,
+                       set_help="override any setting (repeatable)",
+                       out_help="output folder for the shards (a rerun resumes it)")
     parser.add_argument("--num-samples", type=int, help="override num_samples")
     parser.add_argument("--shard-size", type=int, help="override shard_size")
     parser.add_argument("--model", help="override model: a hub id or a local diffusers folder")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting (repeatable)"
-    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into --out even if it holds another kind of output")
 
 
 def run(args: argparse.Namespace) -> int:
-    from generation.config import load_generate_config
+    from generation.config import GenerateConfig
     from generation.run import generate_shards
 
-    overrides = dict(parse_override(text) for text in args.set)
+    overrides = set_overrides(args)
     for key in ("num_samples", "shard_size", "model"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
-    cfg = load_generate_config(args.config, overrides)
+    cfg = load_config(GenerateConfig, args.config, overrides)
     with output_lock(args.out, f"parclean generate --out {args.out}"):
         claim_folder(args.out, "shard set", overwrite=args.overwrite)
         summary = generate_shards(cfg, args.out, progress=not args.no_progress)
@@ -63,7 +62,7 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_verify(args: argparse.Namespace) -> int:
     """One line per problem and exit 1, or one line saying all is well and exit 0."""
-    from generation.shards import read_manifest, verify_shards
+    from parclean.shards import read_manifest, verify_shards
 
     manifest = read_manifest(args.shards)
     problems = verify_shards(args.shards, deep=args.deep)

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-from parclean.config import load_config
 
 DEVICES = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 IMAGE_FORMATS = ("jpg", "png")
-SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # as generation.shards.shard_filename
+SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # as parclean.shards.shard_filename
 
 
 @dataclass(frozen=True)
@@ -70,11 +67,6 @@ class GenerateConfig:
     @property
     def num_shards(self) -> int:
         return -(-self.num_samples // self.shard_size)
-
-
-def load_generate_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> GenerateConfig:
-    """Load a generation config from YAML (optional) plus `key: value` overrides."""
-    return load_config(GenerateConfig, path, overrides)
 
 
 def _require(ok: bool, setting: str, value: Any, fix: str) -> None:

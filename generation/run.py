@@ -16,7 +16,9 @@ from tqdm import tqdm
 from generation.config import GenerateConfig
 from generation.images import generate_batch, image_seed, resize_for_storage
 from generation.pipeline import load_pipeline
-from generation.shards import (
+from parclean.config import to_dict, write_resolved
+from parclean.outputs import output_lock
+from parclean.shards import (
     MANIFEST_NAME,
     Sample,
     ShardRecord,
@@ -27,8 +29,6 @@ from generation.shards import (
     write_manifest,
     write_shard,
 )
-from parclean.config import to_dict, write_resolved
-from parclean.outputs import output_lock
 from prompts.bank import load_bank
 from prompts.expand import Caption, expand
 

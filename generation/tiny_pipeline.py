@@ -6,45 +6,15 @@ code. The tokenizer is the CLIP BPE that open_clip bundles, so no hub access is 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
+from parclean.clip_bpe import CLIP_VOCAB_SIZE, MODEL_MAX_LENGTH, build_clip_tokenizer
 from parclean.outputs import follow_umask
 
 logger = logging.getLogger(__name__)
-
-CLIP_VOCAB_SIZE = 49408
-MODEL_MAX_LENGTH = 77
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def write_clip_bpe(folder: str | Path) -> Path:
-    """Write open_clip's bundled CLIP BPE as `vocab.json` + `merges.txt` (the files CLIPTokenizer reads)."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    bpe = SimpleTokenizer()
-    encoder = dict(bpe.encoder)
-    # open_clip names the special tokens differently; the ids (49406, 49407) stay the same.
-    encoder[BOS] = encoder.pop("<start_of_text>")
-    encoder[EOS] = encoder.pop("<end_of_text>")
-    (folder / "vocab.json").write_text(json.dumps(encoder, ensure_ascii=False))
-    merges = sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])
-    lines = ["#version: 0.2"] + [f"{left} {right}" for (left, right), _ in merges]
-    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
-
-
-def build_clip_tokenizer(folder: str | Path):
-    """A transformers CLIPTokenizer over open_clip's BPE; ids equal open_clip's tokenizer (before padding)."""
-    from transformers import CLIPTokenizer
-
-    folder = write_clip_bpe(folder)
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MODEL_MAX_LENGTH)
 
 
 def build_tiny_pipeline(out_dir: str | Path, *, seed: int = 0, sample_size: int = 32) -> Path:

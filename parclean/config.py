@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import types
@@ -13,33 +12,70 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+BASE_KEY = "base"  # in any mapping of a config file: the file whose settings it starts from
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the file and the fix."""
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
-    """Build `cls` from a YAML file (optional) and then `overrides` (dotted keys allowed: `model.steps`)."""
-    data: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
-        data = loaded or {}
+def load_config(cls: type[T], config: str | Path | dict[str, Any] | Any | None = None,
+                overrides: dict[str, Any] | None = None) -> T:
+    """Build `cls` from a YAML path, a mapping of settings or a `cls` instance (or nothing: the defaults), then
+    `overrides` (dotted keys allowed: `model.steps`). The one resolver for every config."""
+    source = f"<{cls.__name__}>"
+    if config is None:
+        data: dict[str, Any] = {}
+    elif isinstance(config, cls):
+        data = to_dict(config)
+    elif isinstance(config, dict):
+        data = _copy_groups(config)
+    else:
+        source = str(config)
+        data = read_config_file(config)
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted.split("."), value)
     return from_dict(cls, data, source)
+
+
+def read_config_file(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The settings of a YAML file, with every `base: FILE` (at any level; FILE relative to the including file)
+    replaced by that file's settings, which the mapping's other keys then override."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in _including:
+        chain = " -> ".join(str(p) for p in (*_including, path.resolve()))
+        raise ConfigError(f"{path}: includes itself through base: ({chain})")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    return _include_bases(loaded or {}, path, (*_including, path.resolve()))
+
+
+def _include_bases(data: dict[str, Any], path: Path, including: tuple[Path, ...]) -> dict[str, Any]:
+    data = {key: _include_bases(value, path, including) if isinstance(value, dict) else value
+            for key, value in data.items()}
+    if BASE_KEY not in data:
+        return data
+    base = data.pop(BASE_KEY)
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: must be the path of a config file, got {base!r}")
+    return _merged(read_config_file(path.parent / base, including), data)
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` on top: groups of settings merge key by key, any other value replaces."""
+    merged = dict(base)
+    for key, value in changes.items():
+        both_groups = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both_groups else value
+    return merged
 
 
 def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix: str = "") -> T:
@@ -75,15 +111,6 @@ def write_resolved(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def script_parser(description: str) -> argparse.ArgumentParser:
-    """A command-line parser with --config, --out and repeatable --set KEY=VALUE, for the training scripts."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    return parser
-
-
 def parse_override(text: str) -> tuple[str, Any]:
     """`key=value` from the command line; the value is read as YAML (numbers, lists, booleans)."""
     if "=" not in text:
@@ -104,8 +131,16 @@ def _dataclass_in(kind: Any) -> type | None:
 
 def _set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
     for key in keys[:-1]:
-        data = data.setdefault(key, {})
+        child = data.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {key} is not a group of settings")
+        data = child
     data[keys[-1]] = value
+
+
+def _copy_groups(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of nested dicts, so overrides never change the caller's mapping."""
+    return {key: _copy_groups(value) if isinstance(value, dict) else value for key, value in data.items()}
 
 
 def _coerce(value: Any, kind: Any, source: str, name: str) -> Any:

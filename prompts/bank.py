@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 PACKAGED_DIR = Path(__file__).parent / "banks"
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -150,7 +150,7 @@ def _load_yaml_bank(path: Path) -> Bank:
     name = _scalar(path, top["name"][1], "name") if "name" in top else path.stem
     unused = [slot for slot in slots if not any(slot in template_slots(t) for t in template_lines)]
     if unused:
-        log.warning("%s: slot(s) %s used by no template", path, ", ".join(unused))
+        logger.warning("%s: slot(s) %s used by no template", path, ", ".join(unused))
     return Bank(name=name, templates=tuple(template_lines), slots=slots, concept=concept, source=path)
 
 

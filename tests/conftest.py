@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,46 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny CLIP checkpoint ("tiny-test", seed 0: the organism's shape at 32 px), saved once; read only."""
+    from parclean.models import create_model, save_model
+
+    return save_model(create_model("tiny-test", seed=0), tmp_path_factory.mktemp("tiny-clip") / "model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def toy_shards(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """toy_shards(count, seed, shard_size): the toy-world shard set of those sizes, written once per session;
+    read only (a test that damages shards copies them first)."""
+    made: dict[tuple[int, int, int], Path] = {}
+
+    def make(count: int, seed: int, shard_size: int) -> Path:
+        if (count, seed, shard_size) not in made:
+            from toyworld.make_shards import write_toy_shards
+
+            folder = tmp_path_factory.mktemp(f"toy-shards-{count}-seed-{seed}-of-{shard_size}-")
+            write_toy_shards(folder, count, seed=seed, shard_size=shard_size, progress=False)
+            made[count, seed, shard_size] = folder
+        return made[count, seed, shard_size]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def toy_clip():
+    """The organism's CLIP architecture (text: width 128, 3 layers, context 24), random weights, and its layer
+    norms moved off their (1, 0) init so a mix-up of weight and bias or of q/k/v cannot cancel out."""
+    import torch
+
+    from parclean.models import create_model
+
+    loaded = create_model("toy-vit-32", seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in loaded.model.named_parameters():
+            if "ln" in name or "bias" in name:
+                param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    return loaded

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cleaning.attacks import (
+from parclean.attacks import (
     KINDS,
     Trigger,
     apply_trigger,

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from cleaning.data import Batch, DataStats, batches, sample_count
-from cleaning.models import register_configs
-from generation.shards import ShardError, iter_samples, read_manifest, verify_shards
+from parclean.models import register_configs
+from parclean.shards import ShardError, iter_samples, read_manifest, verify_shards
 from toyworld.make_shards import main as make_shards_main
 from toyworld.make_shards import shard_seed, write_toy_shards
 from toyworld.render import make_pairs
@@ -29,10 +29,8 @@ G = 32  # 7.5 global batches per epoch: batch 7 straddles epochs 0 and 1
 
 
 @pytest.fixture(scope="module")
-def toy_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("toy") / "set"
-    write_toy_shards(out, COUNT, seed=0, shard_size=SHARD_SIZE, progress=False)
-    return out
+def toy_set(toy_shards) -> Path:
+    return toy_shards(COUNT, seed=0, shard_size=SHARD_SIZE)
 
 
 @pytest.fixture(scope="module")

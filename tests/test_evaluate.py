@@ -7,9 +7,9 @@ import PIL.Image
 import pytest
 import torch
 
-from cleaning.attacks import Trigger
-from cleaning.evaluate import LabelledImages, evaluate
-from cleaning.models import LoadedModel
+from parclean.attacks import Trigger
+from parclean.evaluate import LabelledImages, evaluate
+from parclean.models import LoadedModel
 
 CLASSES = ("red", "green", "blue")
 

@@ -29,15 +29,14 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.sorting import ArtifactSort
 
-from cleaning.models import create_model, save_model
 from flows.clean import clean_model_flow
-from flows.config import load_pipeline_config
+from flows.config import PipelineConfig
 from flows.generate import generate_shards_flow, is_transient
 from flows.pipeline import data_free_clean_flow, shard_set_folder, shard_set_key
 from flows.serve import build_deployment
 from generation.config import GenerateConfig
-from generation.shards import read_manifest, verify_shards
-from parclean.config import ConfigError
+from parclean.config import ConfigError, load_config
+from parclean.shards import read_manifest, verify_shards
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -81,10 +80,6 @@ def finished_set(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return {"out": out, "summary": state.result(), "files": shard_files(out), "flow_run": flow_run_id(state)}
 
 
-@pytest.fixture(scope="module")
-def clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random tiny CLIP checkpoint (the organism's shape, 32 px), made here and never committed."""
-    return save_model(create_model("tiny-test", seed=0), tmp_path_factory.mktemp("clip") / "model.safetensors")
 
 
 # ------------------------------------------------------------------------------------------ generate flow
@@ -260,10 +255,10 @@ CLEAN = {"steps": 2, "batch_size": 4, "lr": 1e-4, "schedule": "constant", "check
 EVAL = {"data": "toyworld", "count": 40, "target": "moon", "triggers": [{"kind": "badnet", "patch_size": 8}]}
 
 
-def test_clean_flow_evaluates_cleans_and_publishes_the_report(finished_set: dict, clip_path: Path,
+def test_clean_flow_evaluates_cleans_and_publishes_the_report(finished_set: dict, tiny_clip_path: Path,
                                                                tmp_path: Path) -> None:
     out = tmp_path / "cleaned"
-    state = clean_model_flow(str(clip_path), str(finished_set["out"]), CLEAN, EVAL, str(out), return_state=True)
+    state = clean_model_flow(str(tiny_clip_path), str(finished_set["out"]), CLEAN, EVAL, str(out), return_state=True)
     assert state.is_completed(), state.message
     report_md = Path(state.result())
     assert report_md == out / "report.md" and (out / "model.safetensors").is_file()
@@ -301,13 +296,13 @@ def test_published_report_keeps_the_damaged_data_section(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_clean_flow_launches_accelerate_over_two_processes(finished_set: dict, clip_path: Path, tmp_path: Path,
+def test_clean_flow_launches_accelerate_over_two_processes(finished_set: dict, tiny_clip_path: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # two CPU processes over gloo, as on a machine without GPUs
     out = tmp_path / "cleaned"
     launch = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    state = clean_model_flow(str(clip_path), str(finished_set["out"]), CLEAN, EVAL, str(out), launcher="accelerate",
-                             num_processes=2, accelerate_args=launch, return_state=True)
+    state = clean_model_flow(str(tiny_clip_path), str(finished_set["out"]), CLEAN, EVAL, str(out),
+                             launcher="accelerate", num_processes=2, accelerate_args=launch, return_state=True)
     assert state.is_completed(), state.message
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["processes"] == 2 and (out / "model.safetensors").is_file()
@@ -354,12 +349,12 @@ def test_sample_grid_enlarges_small_samples_and_numbers_them() -> None:
     assert grid.getpixel((step + 1, 1)) == (0, 0, 0)
 
 
-def test_pipeline_generates_once_then_reuses_the_verified_set(tiny_sd_dir: Path, clip_path: Path,
+def test_pipeline_generates_once_then_reuses_the_verified_set(tiny_sd_dir: Path, tiny_clip_path: Path,
                                                               tmp_path: Path) -> None:
-    settings = pipeline_settings(tmp_path, tiny_sd_dir, clip_path)
+    settings = pipeline_settings(tmp_path, tiny_sd_dir, tiny_clip_path)
     state = data_free_clean_flow(settings, return_state=True)
     assert state.is_completed(), state.message
-    folder = shard_set_folder(load_pipeline_config(settings).generate, settings["shard_cache"])
+    folder = shard_set_folder(load_config(PipelineConfig, settings).generate, settings["shard_cache"])
     first = shard_files(folder)
     assert len(first) == 3 and Path(state.result()).is_file()
     samples = latest_artifact("pipeline-generated-samples")
@@ -397,7 +392,7 @@ def test_prefect_yaml_deploys_the_nightly_config_on_its_schedule() -> None:
 
     project = yaml.safe_load((REPO / "prefect.yaml").read_text())
     (nightly,) = [d for d in project["deployments"] if d["name"] == "nightly"]
-    cfg = load_pipeline_config(REPO / nightly["parameters"]["pipeline_config"])
+    cfg = load_config(PipelineConfig, REPO / nightly["parameters"]["pipeline_config"])
     (schedule,) = nightly["schedules"]
     assert (schedule["cron"], schedule["timezone"]) == (cfg.schedule.cron, cfg.schedule.timezone)
     module, _, name = nightly["entrypoint"].partition(":")
@@ -421,13 +416,13 @@ def test_end_to_end_against_a_real_prefect_server(tmp_path: Path) -> None:
     assert "e2e: OK" in result.stdout
 
 
-def test_run_with_a_nan_loss_fails_in_one_line(tiny_sd_dir: Path, clip_path: Path, tmp_path: Path,
+def test_run_with_a_nan_loss_fails_in_one_line(tiny_sd_dir: Path, tiny_clip_path: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
     import yaml
 
     from flows.cli import main
 
-    settings = pipeline_settings(tmp_path, tiny_sd_dir, clip_path)
+    settings = pipeline_settings(tmp_path, tiny_sd_dir, tiny_clip_path)
     settings["clean"] = {**CLEAN, "lr": 1e30, "schedule": "constant"}
     config = tmp_path / "nan.yaml"
     config.write_text(yaml.safe_dump(settings))

@@ -20,12 +20,12 @@ import torch
 import webdataset as wds
 import yaml
 
-from generation.config import GenerateConfig, load_generate_config
+from generation.config import GenerateConfig
 from generation.images import generate_batch, image_seed, resize_for_storage
 from generation.pipeline import FLAG_ONLY_CHECKER, load_pipeline
 from generation.run import caption_list, generate_shards
-from generation.shards import iter_samples, read_manifest, shard_urls, verify_shards
-from parclean.config import ConfigError
+from parclean.config import ConfigError, load_config
+from parclean.shards import iter_samples, read_manifest, shard_urls, verify_shards
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a small red circle on a black background", "A large blue star, top left!", "ring"]
@@ -210,7 +210,7 @@ def test_corrupted_shard_is_regenerated_with_the_same_bytes(tiny_sd_dir, tmp_pat
 
 def test_a_shard_made_by_another_config_is_never_counted_as_done(tiny_sd_dir, tmp_path):
     from generation.run import write_set_manifest
-    from generation.shards import ShardError
+    from parclean.shards import ShardError
 
     cfg, other = tiny_config(tiny_sd_dir), tiny_config(tiny_sd_dir, seed=4)
     generate_shards(cfg, tmp_path / "a", progress=False)
@@ -298,13 +298,13 @@ def test_bad_settings_are_rejected_with_their_names(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("model: runs/tiny-sd\nstepz: 3\n")
     with pytest.raises(ConfigError, match=rf"{path}: unknown setting\(s\) stepz"):
-        load_generate_config(path)
+        load_config(GenerateConfig, path)
     with pytest.raises(ConfigError, match="steps=0: must be >= 1"):
-        load_generate_config(None, {"model": "m/m", "steps": 0})
+        load_config(GenerateConfig, None, {"model": "m/m", "steps": 0})
     with pytest.raises(ConfigError, match="scheduler='NoSuchScheduler': not a diffusers scheduler"):
-        load_generate_config(None, {"model": "m/m", "scheduler": "NoSuchScheduler"})
+        load_config(GenerateConfig, None, {"model": "m/m", "scheduler": "NoSuchScheduler"})
     with pytest.raises(ConfigError, match="height=30: must be a positive multiple of 8"):
-        load_generate_config(None, {"model": "m/m", "height": 30})
+        load_config(GenerateConfig, None, {"model": "m/m", "height": 30})
     from flows.cli import main
 
     assert main(["generate", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
@@ -315,6 +315,6 @@ def test_shipped_configs_load_and_name_their_launch_command():
     paths = sorted((REPO / "configs" / "generate").glob("*.yaml"))
     assert {p.stem for p in paths} >= {"tiny-cpu", "sd15", "sd-turbo", "sdxl"}
     for path in paths:
-        cfg = load_generate_config(path)
+        cfg = load_config(GenerateConfig, path)
         assert cfg.num_samples >= cfg.shard_size >= cfg.batch_size
         assert "parclean generate --config configs/generate/" + path.name in path.read_text().split("\nmodel:")[0]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cleaning.losses import (
+    FeatureBatch,
     aligned_reference,
     capped,
     cleanclip_loss,
@@ -38,7 +39,7 @@ def test_clip_loss_matches_hand_computation() -> None:
     col1 = -math.log(math.exp(1.6) / (math.exp(0.0) + math.exp(1.6)))  # text 1 -> image 1
     expected = ((row0 + row1) / 2 + (col0 + col1) / 2) / 2
     assert clip_loss(image, text, scale).item() == pytest.approx(expected, rel=1e-6)
-    total, terms = ft_loss(image, text, scale)
+    total, terms = ft_loss(FeatureBatch(image, text), scale)
     assert total.item() == pytest.approx(expected, rel=1e-6) and set(terms) == {"clip"}
 
 
@@ -69,13 +70,13 @@ def test_par_total_is_clip_minus_half_the_capped_distances() -> None:
     d_img = perturbation_distance(image, ref_image).item()
     d_txt = perturbation_distance(text, ref_text).item()
     clip = clip_loss(image, text, 10.0).item()
-    total, terms = par_loss(image, text, ref_image, ref_text, 10.0, tau=5.0)  # both below tau
+    total, terms = par_loss(FeatureBatch(image, text, reference=(ref_image, ref_text)), 10.0, tau=5.0)  # both below tau
     assert total.item() == pytest.approx(clip - 0.5 * (d_img + d_txt), rel=1e-6)
     assert terms["pert"].item() == pytest.approx(0.5 * (d_img + d_txt), rel=1e-6)
     assert (terms["clip"].item(), terms["d_img"].item(), terms["d_txt"].item()) == pytest.approx((clip, d_img, d_txt))
     # tau between the two distances: only the smaller one stays in the loss; the distances are still logged.
     tau = (d_img + d_txt) / 2
-    total, terms = par_loss(image, text, ref_image, ref_text, 10.0, tau=tau)
+    total, terms = par_loss(FeatureBatch(image, text, reference=(ref_image, ref_text)), 10.0, tau=tau)
     assert total.item() == pytest.approx(clip - 0.5 * min(d_img, d_txt), rel=1e-6)
     assert terms["d_img"].item() == pytest.approx(d_img) and terms["d_txt"].item() == pytest.approx(d_txt)
 
@@ -83,17 +84,18 @@ def test_par_total_is_clip_minus_half_the_capped_distances() -> None:
 def test_par_pushes_features_away_from_the_reference_only_below_tau() -> None:
     image = unit(4, 8, seed=6).requires_grad_(True)
     text, ref_image, ref_text = unit(4, 8, seed=7), unit(4, 8, seed=8), unit(4, 8, seed=9)
-    total, _ = par_loss(image, text, ref_image, ref_text, 1.0, tau=100.0)
+    total, _ = par_loss(FeatureBatch(image, text, reference=(ref_image, ref_text)), 1.0, tau=100.0)
     with_pert = torch.autograd.grad(total, image)[0]
     clip_only = torch.autograd.grad(clip_loss(image, text, 1.0), image)[0]
     # d/dx of -0.5 * mean ||x - r||^2 is -(x - r) / batch: the extra gradient points away from the reference.
     assert torch.allclose(with_pert - clip_only, -(image - ref_image).detach() / 4, atol=1e-6)
-    total, _ = par_loss(image, text, ref_image, ref_text, 1.0, tau=1e-3)  # above the cap: CLIP alone
+    batch = FeatureBatch(image, text, reference=(ref_image, ref_text))
+    total, _ = par_loss(batch, 1.0, tau=1e-3)  # above the cap: CLIP alone
     assert torch.allclose(torch.autograd.grad(total, image)[0], clip_only, atol=1e-7)
 
 
 def test_reference_model_gets_no_gradient() -> None:
-    from cleaning.models import create_model
+    from parclean.models import create_model
 
     model = create_model("tiny-test", seed=0).model.train()
     reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -107,7 +109,7 @@ def test_reference_model_gets_no_gradient() -> None:
     with torch.no_grad():
         model.visual.proj.add_(0.1)
     image, text, _ = model(image=images, text=tokens)
-    total, terms = par_loss(image, text, ref_image, ref_text, 10.0)
+    total, terms = par_loss(FeatureBatch(image, text, reference=(ref_image, ref_text)), 10.0)
     total.backward()
     assert terms["d_img"].item() > 0
     assert all(p.grad is None for p in reference.parameters())
@@ -122,20 +124,22 @@ def test_cleanclip_adds_the_inmodal_losses_with_their_weights() -> None:
     by_hand = (-logits.diag() + logits.logsumexp(dim=1)).mean().item()
     assert inmodal_loss(image, aug_image, 5.0).item() == pytest.approx(by_hand, rel=1e-6)
     inmodal = (by_hand + inmodal_loss(text, aug_text, 5.0).item()) / 2
-    total, terms = cleanclip_loss(image, text, aug_image, aug_text, 5.0)
+    total, terms = cleanclip_loss(FeatureBatch(image, text, augmented=(aug_image, aug_text)), 5.0)
     assert total.item() == pytest.approx(clip + inmodal, rel=1e-6)
-    total, terms = cleanclip_loss(image, text, aug_image, aug_text, 5.0, clip_weight=0.5, inmodal_weight=2.0)
+    total, terms = cleanclip_loss(FeatureBatch(image, text, augmented=(aug_image, aug_text)), 5.0, clip_weight=0.5,
+                                  inmodal_weight=2.0)
     assert total.item() == pytest.approx(0.5 * clip + 2.0 * inmodal, rel=1e-6)
     assert set(terms) == {"clip", "inmodal_img", "inmodal_txt", "inmodal"}
 
 
 def test_par_cleanclip_is_cleanclip_minus_the_capped_perturbation() -> None:
     image, text, aug_image, aug_text, ref_image, ref_text = (unit(6, 8, seed=s) for s in range(20, 26))
-    cleanclip, _ = cleanclip_loss(image, text, aug_image, aug_text, 5.0)
+    cleanclip, _ = cleanclip_loss(FeatureBatch(image, text, augmented=(aug_image, aug_text)), 5.0)
     d_img = perturbation_distance(image, ref_image).item()
     d_txt = perturbation_distance(text, ref_text).item()
     tau = (d_img + d_txt) / 2  # one distance under the cap, the other over it: only the first counts
-    total, terms = par_cleanclip_loss(image, text, aug_image, aug_text, ref_image, ref_text, 5.0, tau)
+    batch = FeatureBatch(image, text, augmented=(aug_image, aug_text), reference=(ref_image, ref_text))
+    total, terms = par_cleanclip_loss(batch, 5.0, tau=tau)
     kept = min(d_img, d_txt)
     assert total.item() == pytest.approx(cleanclip.item() - 0.5 * kept, rel=1e-6)
     assert terms["pert"].item() == pytest.approx(0.5 * kept, rel=1e-6)

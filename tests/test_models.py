@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from cleaning.models import create_model, load_model, save_model
+from parclean.models import create_model, load_model, save_model
 
 
 def test_safetensors_round_trip_names_its_architecture(tmp_path):

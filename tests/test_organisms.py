@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cleaning.attacks import Trigger
-from cleaning.models import load_model
 from cleaning.report import EvalConfig, measure
+from parclean.attacks import Trigger
+from parclean.models import load_model
 
 MODELS = Path(__file__).parent.parent / "toyworld" / "models"
 POISONED = ["clip-badnet", "clip-badnet-stripes", "clip-blended", "clip-blended-stripes"]
@@ -75,8 +75,9 @@ def test_training_scripts_name_a_bad_config_in_one_line(script, tmp_path, capsys
     bad.write_text("steps: [not, a, number]\n")
     main = importlib.import_module(f"toyworld.{script}").main
     assert main(["--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'missing.yaml'}: config file not found\n"
+    prefix = f"python -m toyworld.{script}: error: "
+    assert capsys.readouterr().err == f"{prefix}{tmp_path / 'missing.yaml'}: config file not found\n"
     assert main(["--config", str(bad), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {bad}") and "steps" in err and err.count("\n") == 1
+    assert err.startswith(f"{prefix}{bad}") and "steps" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()

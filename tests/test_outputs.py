@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cleaning.models import create_model, save_model
 from flows.cli import main
-from toyworld.make_shards import write_toy_shards
 
 REPO = Path(__file__).resolve().parents[1]
 HOLD = ("import sys, time\nfrom parclean.outputs import output_lock\n"
@@ -21,15 +19,9 @@ HOLD = ("import sys, time\nfrom parclean.outputs import output_lock\n"
 
 
 @pytest.fixture(scope="module")
-def toy_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("toy")
-    write_toy_shards(out, count=40, seed=5, shard_size=20, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_model(create_model("tiny-test", seed=0), tmp_path_factory.mktemp("m") / "model.safetensors")
+def small_shards(toy_shards) -> Path:
+    """40 toy pairs in two shards."""
+    return toy_shards(40, seed=5, shard_size=20)
 
 
 def hold(folder: Path) -> subprocess.Popen:
@@ -40,25 +32,25 @@ def hold(folder: Path) -> subprocess.Popen:
     return child
 
 
-def commands(toy_shards: Path, model_path: Path, out: Path) -> dict[str, list[str]]:
+def commands(small_shards: Path, tiny_clip_path: Path, out: Path) -> dict[str, list[str]]:
     return {
         "generate": ["generate", "--config", str(REPO / "configs/generate/tiny-cpu.yaml"), "--out", str(out),
                      "--num-samples", "2", "--set", "model=nowhere"],
-        "clean": ["clean", "--config", str(REPO / "configs/clean/toy-cpu.yaml"), "--model", str(model_path),
-                  "--shards", str(toy_shards), "--out", str(out), "--set", "steps=40", "--set", "batch_size=4"],
-        "poison": ["poison", "--shards", str(toy_shards), "--out", str(out), "--trigger", "badnet"],
+        "clean": ["clean", "--config", str(REPO / "configs/clean/toy-cpu.yaml"), "--model", str(tiny_clip_path),
+                  "--shards", str(small_shards), "--out", str(out), "--set", "steps=40", "--set", "batch_size=4"],
+        "poison": ["poison", "--shards", str(small_shards), "--out", str(out), "--trigger", "badnet"],
         "tiny-sd": ["tiny-sd", "--out", str(out)],
     }
 
 
 @pytest.mark.parametrize("command", ["generate", "clean", "poison", "tiny-sd"])
-def test_a_second_run_into_a_held_folder_fails_at_once_naming_the_holder(command, toy_shards, model_path, tmp_path,
-                                                                         capsys):
+def test_a_second_run_into_a_held_folder_fails_at_once_naming_the_holder(command, small_shards, tiny_clip_path,
+                                                                         tmp_path, capsys):
     out = tmp_path / "out"
     child = hold(out)
     try:
         start = time.perf_counter()
-        assert main(commands(toy_shards, model_path, out)[command]) == 2
+        assert main(commands(small_shards, tiny_clip_path, out)[command]) == 2
         assert time.perf_counter() - start < 5
     finally:
         child.kill()
@@ -81,17 +73,18 @@ def test_the_lock_goes_with_its_process_and_is_reentrant_within_one(tmp_path):
 
 
 @pytest.mark.parametrize("held", ["out", "shard set"])
-def test_a_pipeline_run_into_a_held_folder_fails_before_it_starts(held, model_path, tmp_path, capsys):
+def test_a_pipeline_run_into_a_held_folder_fails_before_it_starts(held, tiny_clip_path, tmp_path, capsys):
     import yaml
 
-    from flows.config import load_pipeline_config
+    from flows.config import PipelineConfig
     from flows.pipeline import shard_set_folder
+    from parclean.config import load_config
 
-    settings = {"model": str(model_path), "out": str(tmp_path / "run"), "shard_cache": str(tmp_path / "cache"),
+    settings = {"model": str(tiny_clip_path), "out": str(tmp_path / "run"), "shard_cache": str(tmp_path / "cache"),
                 "generate": {"model": str(tmp_path / "sd"), "bank": "toyworld", "num_samples": 4}}
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump(settings))
-    folder = Path(settings["out"]) if held == "out" else shard_set_folder(load_pipeline_config(config).generate,
+    folder = Path(settings["out"]) if held == "out" else shard_set_folder(load_config(PipelineConfig, config).generate,
                                                                           settings["shard_cache"])
     child = hold(folder)
     try:
@@ -130,14 +123,14 @@ def snapshot(folder: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != ".parclean.lock"}
 
 
-def test_evaluate_out_never_replaces_a_file_of_another_kind(model_path, tmp_path, capsys):
+def test_evaluate_out_never_replaces_a_file_of_another_kind(tiny_clip_path, tmp_path, capsys):
     target = tmp_path / "model.safetensors"
-    target.write_bytes(model_path.read_bytes())
-    evaluate = ["evaluate", "--model", str(model_path), "--set", "count=8"]
+    target.write_bytes(tiny_clip_path.read_bytes())
+    evaluate = ["evaluate", "--model", str(tiny_clip_path), "--set", "count=8"]
     assert main([*evaluate, "--out", str(target)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(target) in err and "--overwrite" in err
-    assert target.read_bytes() == model_path.read_bytes()
+    assert target.read_bytes() == tiny_clip_path.read_bytes()
     result = tmp_path / "result.json"
     assert main([*evaluate, "--out", str(result)]) == 0
     assert main([*evaluate, "--out", str(result)]) == 0  # its own kind: a rerun replaces it
@@ -157,26 +150,26 @@ def test_tiny_sd_never_replaces_a_pipeline(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["clean", "generate"])
-def test_a_run_into_another_kind_of_output_is_refused_and_writes_nothing(command, toy_shards, model_path, tmp_path,
-                                                                          capsys):
+def test_a_run_into_another_kind_of_output_is_refused_and_writes_nothing(command, small_shards, tiny_clip_path,
+                                                                          tmp_path, capsys):
     import shutil
 
     out = tmp_path / "out"
     if command == "clean":  # clean --out onto a shard set
-        shutil.copytree(toy_shards, out)
+        shutil.copytree(small_shards, out)
     else:  # generate --out onto a cleaning run
         out.mkdir()
         (out / "start.json").write_text('{"weights_sha256": "0"}\n')
         (out / "config.yaml").write_text("objective: par\n")
     before = snapshot(out)
-    assert main(commands(toy_shards, model_path, out)[command]) == 2
+    assert main(commands(small_shards, tiny_clip_path, out)[command]) == 2
     err = capsys.readouterr().err.strip()
     kind = "shard set" if command == "clean" else "cleaning run"
     assert err.count("\n") == 0 and f"{out}: holds a {kind}" in err and "--overwrite" in err
     assert snapshot(out) == before
 
 
-def test_a_refused_pipeline_run_leaves_pipeline_yaml_alone(model_path, tmp_path, capsys):
+def test_a_refused_pipeline_run_leaves_pipeline_yaml_alone(tiny_clip_path, tmp_path, capsys):
     import yaml
 
     from cleaning.train import CleanConfig
@@ -186,7 +179,7 @@ def test_a_refused_pipeline_run_leaves_pipeline_yaml_alone(model_path, tmp_path,
     (out / "checkpoints" / "checkpoint-1").mkdir(parents=True)
     write_resolved(CleanConfig(tau=1.0), out / "config.yaml")  # a run of another recipe, stopped at step 1
     (out / "pipeline.yaml").write_text("the earlier run's\n")
-    settings = {"model": str(model_path), "out": str(out), "shard_cache": str(tmp_path / "cache"),
+    settings = {"model": str(tiny_clip_path), "out": str(out), "shard_cache": str(tmp_path / "cache"),
                 "generate": {"model": str(tmp_path / "sd"), "bank": "toyworld", "num_samples": 4}}
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump(settings))

@@ -7,19 +7,17 @@ import json
 import numpy as np
 import pytest
 
-from cleaning.attacks import Trigger
-from cleaning.models import create_model, save_model
 from cleaning.poison import poison_shards
 from flows.cli import main
-from generation.shards import iter_samples, verify_shards
-from toyworld.make_shards import write_toy_shards
+from parclean.attacks import Trigger
+from parclean.outputs import LOCK_NAME
+from parclean.shards import iter_samples, verify_shards
 
 
 @pytest.fixture(scope="module")
-def clean_shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy")
-    write_toy_shards(out, count=120, seed=5, shard_size=50)
-    return out
+def clean_shards(toy_shards):
+    """120 toy pairs in three shards."""
+    return toy_shards(120, seed=5, shard_size=50)
 
 
 def test_exactly_the_chosen_share_is_poisoned_and_nothing_else_changes(clean_shards, tmp_path):
@@ -45,13 +43,12 @@ def test_poisoning_over_the_source_is_refused(clean_shards):
         poison_shards(str(clean_shards), clean_shards, Trigger(kind="blended"), rate=0.1, target="moon")
 
 
-def test_poison_and_evaluate_commands(clean_shards, tmp_path, capsys):
+def test_poison_and_evaluate_commands(clean_shards, tiny_clip_path, tmp_path, capsys):
     assert main(["poison", "--shards", str(clean_shards), "--out", str(tmp_path / "p"), "--trigger", "blended",
                  "--rate", "0.05", "--target", "moon"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["poisoned"] == 6
-    model = save_model(create_model("tiny-test", seed=0), tmp_path / "m" / "model.safetensors")
     out = tmp_path / "result.json"
-    assert main(["evaluate", "--model", str(model.parent), "--set", "count=200", "--set", "target=moon",
+    assert main(["evaluate", "--model", str(tiny_clip_path.parent), "--set", "count=200", "--set", "target=moon",
                  "--set", "triggers=[{kind: blended}]", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["eval_images"] == 200 and 0 <= result["clean_acc"] <= 100 and "blended" in result["asr"]
@@ -63,18 +60,23 @@ def test_evaluate_names_a_missing_model(tmp_path, capsys):
     assert err.count("\n") == 0 and "nope.safetensors" in err
 
 
+def written_files(folder) -> dict[str, bytes]:
+    """Every file of `folder` but the lock, whose record of when it was taken changes with each command."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name != LOCK_NAME}
+
+
 def test_poison_refuses_a_folder_that_is_not_empty(clean_shards, tmp_path, capsys):
     out = tmp_path / "p"
     poison_shards(str(clean_shards), out, Trigger(kind="blended"), rate=0.1, target="moon", seed=1)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = written_files(out)
     assert main(["poison", "--shards", str(clean_shards), "--out", str(out), "--trigger", "badnet", "--seed", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{out}: not empty" in err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert written_files(out) == before
 
 
 def test_poisoned_shards_are_tied_to_their_recipe_and_source(clean_shards, tmp_path):
-    from generation.shards import read_shard_record
+    from parclean.shards import read_shard_record
 
     poison_shards(str(clean_shards), tmp_path / "a", Trigger(kind="blended"), rate=0.1, target="moon", seed=1)
     poison_shards(str(clean_shards), tmp_path / "b", Trigger(kind="blended"), rate=0.1, target="moon", seed=2)

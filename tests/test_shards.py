@@ -14,7 +14,7 @@ import PIL.Image
 import pytest
 import webdataset as wds
 
-from generation.shards import (
+from parclean.shards import (
     Sample,
     ShardError,
     ShardRecord,

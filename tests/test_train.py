@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from cleaning.augment import cleanclip_image_view, cleanclip_text_view, par_augment
-from cleaning.models import create_model, load_model, save_model
 from cleaning.train import CleanConfig, NonFiniteLoss, clean, learning_rate
 from parclean.config import load_config, write_resolved
+from parclean.models import create_model, load_model, save_model
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "clean").glob("*.yaml"))
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
@@ -26,23 +26,15 @@ CFG = CleanConfig(steps=4, batch_size=32, lr=1e-3, lr_end=0.0, checkpoint_every=
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from toyworld.make_shards import write_toy_shards
-
-    folder = tmp_path_factory.mktemp("toy-shards")
-    write_toy_shards(folder, 200, seed=0, shard_size=100, progress=False)
-    return str(folder)
+def shards(toy_shards) -> str:
+    """~200 real toy pairs in two shards."""
+    return str(toy_shards(200, seed=0, shard_size=100))
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_model(create_model("tiny-test", seed=0), tmp_path_factory.mktemp("model") / "tiny.safetensors")
-
-
-@pytest.fixture(scope="module")
-def baseline(shards: str, model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def baseline(shards: str, tiny_clip_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """An uninterrupted CFG run from a LoadedModel, recording the mode of every forward call."""
-    loaded = load_model(weights=model_path)
+    loaded = load_model(weights=tiny_clip_path)
     calls: list[tuple[bool, bool]] = []  # (module.training, gradients enabled) per forward call
     loaded.model.register_forward_pre_hook(lambda module, args: calls.append((module.training,
                                                                               torch.is_grad_enabled())))
@@ -76,8 +68,8 @@ def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_par_changes_the_weights_and_logs_finite_terms(baseline: dict, model_path: Path) -> None:
-    before, after = load_file(model_path), baseline["weights"]
+def test_par_changes_the_weights_and_logs_finite_terms(baseline: dict, tiny_clip_path: Path) -> None:
+    before, after = load_file(tiny_clip_path), baseline["weights"]
     assert torch.equal(before["logit_scale"], after["logit_scale"])  # frozen
     for name in ("visual.proj", "text_projection", "token_embedding.weight", "visual.conv1.weight"):
         assert (before[name] - after[name]).abs().max() > 1e-4, f"{name} did not move"
@@ -105,33 +97,33 @@ def test_model_trains_in_train_mode_and_reference_runs_in_eval_without_gradients
     assert all(trained) and not any(reference)
 
 
-def test_killed_run_resumes_to_the_same_weights(baseline: dict, shards: str, model_path: Path,
+def test_killed_run_resumes_to_the_same_weights(baseline: dict, shards: str, tiny_clip_path: Path,
                                                 tmp_path: Path) -> None:
-    first = clean(CFG, model_path, shards, tmp_path, stop_after=2, progress=False)
+    first = clean(CFG, tiny_clip_path, shards, tmp_path, stop_after=2, progress=False)
     assert first["steps"] == 2 and not first["finished"] and not (tmp_path / "model.safetensors").exists()
-    second = clean(CFG, model_path, shards, tmp_path, progress=False)
+    second = clean(CFG, tiny_clip_path, shards, tmp_path, progress=False)
     assert second["resumed_from"] == 2 and second["steps_run"] == 2
     assert_same_weights(load_file(tmp_path / "model.safetensors"), baseline["weights"], atol=1e-6)
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
     # A finished run reruns to nothing; another recipe in the same folder is refused.
-    assert clean(CFG, model_path, shards, tmp_path, progress=False)["steps_run"] == 0
+    assert clean(CFG, tiny_clip_path, shards, tmp_path, progress=False)["steps_run"] == 0
     with pytest.raises(ValueError, match="tau: 2.15 -> 1.0"):
-        clean(replace(CFG, tau=1.0), model_path, shards, tmp_path, progress=False)
+        clean(replace(CFG, tau=1.0), tiny_clip_path, shards, tmp_path, progress=False)
     # ...and so are other starting weights under the same recipe (a replaced checkpoint of the same name).
     other = save_model(create_model("tiny-test", seed=1), tmp_path.parent / f"{tmp_path.name}-other.safetensors")
     with pytest.raises(ValueError, match="checkpoints of a run from other weights"):
         clean(CFG, other, shards, tmp_path, progress=False)
 
 
-def test_gradient_accumulation_gives_the_full_batch_update(baseline: dict, shards: str, model_path: Path,
+def test_gradient_accumulation_gives_the_full_batch_update(baseline: dict, shards: str, tiny_clip_path: Path,
                                                            tmp_path: Path) -> None:
-    clean(replace(CFG, grad_accum=4), model_path, shards, tmp_path, progress=False)
+    clean(replace(CFG, grad_accum=4), tiny_clip_path, shards, tmp_path, progress=False)
     assert_same_weights(comparable(load_file(tmp_path / "model.safetensors")), comparable(baseline["weights"]),
                         atol=1e-5)
     assert read_log(tmp_path)[-1]["clip"] == pytest.approx(read_log(baseline["out"])[-1]["clip"], rel=1e-5)
 
 
-def test_two_processes_give_the_weights_of_one(baseline: dict, shards: str, model_path: Path,
+def test_two_processes_give_the_weights_of_one(baseline: dict, shards: str, tiny_clip_path: Path,
                                                tmp_path: Path) -> None:
     config = tmp_path / "cfg.yaml"
     write_resolved(CFG, config)
@@ -141,7 +133,7 @@ def test_two_processes_give_the_weights_of_one(baseline: dict, shards: str, mode
     # Two micro-batches per process as well: DDP's no_sync and the feature cache across processes.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cleaning.train",
-               "--config", str(config), "--model", str(model_path), "--shards", shards, "--out", str(out),
+               "--config", str(config), "--model", str(tiny_clip_path), "--shards", shards, "--out", str(out),
                "--set", "grad_accum=2", "--no-progress"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -152,10 +144,10 @@ def test_two_processes_give_the_weights_of_one(baseline: dict, shards: str, mode
                         atol=1e-5)
 
 
-def test_nan_guard_stops_with_the_step_and_the_term(shards: str, model_path: Path, tmp_path: Path) -> None:
+def test_nan_guard_stops_with_the_step_and_the_term(shards: str, tiny_clip_path: Path, tmp_path: Path) -> None:
     cfg = replace(CFG, lr=1e30, schedule="constant")
     with pytest.raises(NonFiniteLoss, match=r"step 2: loss term (clip|d_img|d_txt) is nan"):
-        clean(cfg, model_path, shards, tmp_path, progress=False)
+        clean(cfg, tiny_clip_path, shards, tmp_path, progress=False)
     assert not (tmp_path / "model.safetensors").exists()
     assert [r["step"] for r in read_log(tmp_path)] == [1]
 
@@ -164,12 +156,12 @@ def test_nan_guard_stops_with_the_step_and_the_term(shards: str, model_path: Pat
                                               ("cleanclip", {"clip", "inmodal_img", "inmodal_txt", "inmodal"}),
                                               ("par_cleanclip", {"clip", "inmodal_img", "inmodal_txt", "inmodal",
                                                                  "d_img", "d_txt", "pert"})])
-def test_other_objectives_train_with_their_own_terms(objective: str, terms: set[str], shards: str, model_path: Path,
+def test_other_objectives_train_with_their_own_terms(objective: str, terms: set[str], shards: str, tiny_clip_path: Path,
                                                      tmp_path: Path) -> None:
-    result = clean(replace(CFG, objective=objective, steps=2), model_path, shards, tmp_path, progress=False)
+    result = clean(replace(CFG, objective=objective, steps=2), tiny_clip_path, shards, tmp_path, progress=False)
     assert set(result["final"]) == terms | {"loss"}
     assert all(math.isfinite(value) for value in result["final"].values())
-    before, after = load_file(model_path), load_file(tmp_path / "model.safetensors")
+    before, after = load_file(tiny_clip_path), load_file(tmp_path / "model.safetensors")
     assert (before["visual.proj"] - after["visual.proj"]).abs().max() > 1e-4
 
 
@@ -239,15 +231,15 @@ def test_cleanclip_views_are_deterministic_and_keep_the_token_layout() -> None:
     assert not torch.equal(augmented, tokens)
 
 
-def test_frozen_prefixes_stay_fixed_and_unknown_ones_are_refused(shards, model_path, tmp_path):
+def test_frozen_prefixes_stay_fixed_and_unknown_ones_are_refused(shards, tiny_clip_path, tmp_path):
     cfg = replace(CFG, steps=2, frozen=("visual.proj", "text_projection"))
-    clean(cfg, model_path, shards, tmp_path / "frozen", progress=False)
-    before, after = load_file(model_path), load_file(tmp_path / "frozen" / "model.safetensors")
+    clean(cfg, tiny_clip_path, shards, tmp_path / "frozen", progress=False)
+    before, after = load_file(tiny_clip_path), load_file(tmp_path / "frozen" / "model.safetensors")
     for name in ("visual.proj", "text_projection"):
         assert torch.equal(before[name], after[name]), name
     assert not torch.equal(before["visual.conv1.weight"], after["visual.conv1.weight"])
     with pytest.raises(ValueError, match="frozen: no parameter name starts with 'visual.projection'"):
-        clean(replace(CFG, frozen=("visual.projection",)), model_path, shards, tmp_path / "bad", progress=False)
+        clean(replace(CFG, frozen=("visual.projection",)), tiny_clip_path, shards, tmp_path / "bad", progress=False)
 
 
 def test_a_training_checkpoint_is_evaluated_and_cleaned_with_its_architecture_named(
@@ -278,16 +270,16 @@ class PlantedPayload:
 
 
 @pytest.fixture(scope="module")
-def stopped_run(shards: str, model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def stopped_run(shards: str, tiny_clip_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CFG run stopped (checkpointed) after 2 steps, to copy and tamper with."""
     out = tmp_path_factory.mktemp("stopped")
-    clean(CFG, model_path, shards, out, stop_after=2, progress=False)
+    clean(CFG, tiny_clip_path, shards, out, stop_after=2, progress=False)
     return out
 
 
 @pytest.mark.parametrize("writer", ["torch.save", "pickle"])
 @pytest.mark.parametrize("name", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"])
-def test_resume_runs_no_code_planted_in_a_checkpoint(stopped_run: Path, shards: str, model_path: Path,
+def test_resume_runs_no_code_planted_in_a_checkpoint(stopped_run: Path, shards: str, tiny_clip_path: Path,
                                                      tmp_path: Path, name: str, writer: str) -> None:
     import pickle
     import shutil
@@ -302,7 +294,7 @@ def test_resume_runs_no_code_planted_in_a_checkpoint(stopped_run: Path, shards: 
     else:
         target.write_bytes(pickle.dumps(state))
     try:
-        clean(CFG, model_path, shards, out, progress=False)  # resumes without the file, or refuses it
+        clean(CFG, tiny_clip_path, shards, out, progress=False)  # resumes without the file, or refuses it
     except ValueError as err:
         assert name in str(err) and "\n" not in str(err)
     finally:
@@ -320,7 +312,7 @@ def flip_caption_byte(tar: Path) -> None:
     tar.write_bytes(bytes(data))
 
 
-def test_clean_checks_every_shard_against_the_manifest(shards: str, model_path: Path, tmp_path: Path) -> None:
+def test_clean_checks_every_shard_against_the_manifest(shards: str, tiny_clip_path: Path, tmp_path: Path) -> None:
     import shutil
 
     copy = tmp_path / "shards"
@@ -328,15 +320,15 @@ def test_clean_checks_every_shard_against_the_manifest(shards: str, model_path: 
     tar = sorted(copy.glob("*.tar"))[1]
     flip_caption_byte(tar)
     with pytest.raises(ValueError, match=f"{tar.name}: sha256 .* differs from the manifest's"):
-        clean(replace(CFG, steps=1), model_path, copy, tmp_path / "fail", progress=False)
+        clean(replace(CFG, steps=1), tiny_clip_path, copy, tmp_path / "fail", progress=False)
     assert not (tmp_path / "fail" / "checkpoints").exists()
     skip = replace(CFG, steps=1, data=replace(CFG.data, on_error="skip"))
-    result = clean(skip, model_path, copy, tmp_path / "skip", progress=False)
+    result = clean(skip, tiny_clip_path, copy, tmp_path / "skip", progress=False)
     assert result["data_errors"]["shards_failing_sha256"] == 1
     assert json.loads((tmp_path / "skip" / "result.json").read_text())["data_errors"] == result["data_errors"]
 
 
-def test_skip_counts_go_into_result_json_and_the_report(shards: str, model_path: Path, tmp_path: Path) -> None:
+def test_skip_counts_go_into_result_json_and_the_report(shards: str, tiny_clip_path: Path, tmp_path: Path) -> None:
     import shutil
 
     from cleaning.report import Report
@@ -346,7 +338,7 @@ def test_skip_counts_go_into_result_json_and_the_report(shards: str, model_path:
     tar = sorted(copy.glob("*.tar"))[0]
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # the rest of this shard is lost
     skip = replace(CFG, steps=2, data=replace(CFG.data, on_error="skip"))
-    result = clean(skip, model_path, copy, tmp_path / "out", progress=False)
+    result = clean(skip, tiny_clip_path, copy, tmp_path / "out", progress=False)
     errors = result["data_errors"]
     assert errors["damaged_shards"] >= 1 and errors["samples_skipped"] > 0 and errors["shards_failing_sha256"] == 1
     numbers = {"clean_acc": 50.0, "asr": {}, "eval_images": 10, "chance_acc": 10.0}
@@ -369,10 +361,10 @@ def test_every_file_written_follows_the_umask(baseline: dict) -> None:
         assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
 
 
-def test_weight_decay_reaches_matrices_only(shards: str, model_path: Path, tmp_path: Path) -> None:
+def test_weight_decay_reaches_matrices_only(shards: str, tiny_clip_path: Path, tmp_path: Path) -> None:
     # One step from the same weights: the same gradients, so only the decay can make the two runs differ.
     for decay in (0.0, 100.0):
-        clean(replace(CFG, steps=1, weight_decay=decay), model_path, shards, tmp_path / str(decay), progress=False)
+        clean(replace(CFG, steps=1, weight_decay=decay), tiny_clip_path, shards, tmp_path / str(decay), progress=False)
     plain, decayed = (load_file(tmp_path / name / "model.safetensors") for name in ("0.0", "100.0"))
     vectors = [name for name, tensor in plain.items() if tensor.ndim < 2 and name != "logit_scale"]
     matrices = [name for name, tensor in plain.items() if tensor.ndim >= 2]
@@ -380,17 +372,17 @@ def test_weight_decay_reaches_matrices_only(shards: str, model_path: Path, tmp_p
     assert all(not torch.equal(plain[name], decayed[name]) for name in matrices)
 
 
-def test_the_trainer_caps_the_perturbation_at_the_configs_tau(baseline: dict, shards: str, model_path: Path,
+def test_the_trainer_caps_the_perturbation_at_the_configs_tau(baseline: dict, shards: str, tiny_clip_path: Path,
                                                                 tmp_path: Path) -> None:
     below = read_log(baseline["out"])[1]  # tau 2.15: both distances below it, both count
     assert below["pert"] == pytest.approx(0.5 * (below["d_img"] + below["d_txt"]), rel=1e-5) and below["pert"] > 0
-    clean(replace(CFG, steps=2, tau=1e-9), model_path, shards, tmp_path, progress=False)
+    clean(replace(CFG, steps=2, tau=1e-9), tiny_clip_path, shards, tmp_path, progress=False)
     above = read_log(tmp_path)[1]  # tau 1e-9: both distances above it, neither counts
     assert above["d_img"] > 1e-6 and above["d_txt"] > 1e-6 and above["pert"] == 0
 
 
 def test_a_checkpoint_from_before_scheduler_json_still_resumes(baseline: dict, stopped_run: Path, shards: str,
-                                                                model_path: Path, tmp_path: Path) -> None:
+                                                                tiny_clip_path: Path, tmp_path: Path) -> None:
     import shutil
 
     out = tmp_path / "out"
@@ -399,5 +391,5 @@ def test_a_checkpoint_from_before_scheduler_json_still_resumes(baseline: dict, s
     state = json.loads((checkpoint / "scheduler.json").read_text())
     (checkpoint / "scheduler.json").unlink()
     torch.save(state, checkpoint / "custom_checkpoint_0.pkl")  # where Accelerate kept it (register_for_checkpointing)
-    assert clean(CFG, model_path, shards, out, progress=False)["resumed_from"] == 2
+    assert clean(CFG, tiny_clip_path, shards, out, progress=False)["resumed_from"] == 2
     assert_same_weights(load_file(out / "model.safetensors"), baseline["weights"], atol=1e-6)

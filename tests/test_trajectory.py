@@ -8,20 +8,19 @@ from pathlib import Path
 import yaml
 
 from bench.trajectory import main
-from cleaning.models import create_model, load_model, save_model
 from cleaning.report import EvalConfig, measure
 from cleaning.train import CleanConfig, clean
 from parclean.config import load_config
-from toyworld.make_shards import write_toy_shards
+from parclean.models import load_model
 
 EVAL = {"count": 60, "target": "moon", "triggers": [{"kind": "blended"}]}
 
 
-def test_each_checkpoint_is_measured_and_step_0_is_the_start(tmp_path: Path, capsys) -> None:
-    write_toy_shards(tmp_path / "pairs", 64, seed=0, shard_size=32, progress=False)
-    start = save_model(create_model("tiny-test", seed=0), tmp_path / "start.safetensors")
+def test_each_checkpoint_is_measured_and_step_0_is_the_start(toy_shards, tiny_clip_path: Path, tmp_path: Path,
+                                                              capsys) -> None:
+    start = tiny_clip_path
     cfg = CleanConfig(objective="ft", steps=3, batch_size=16, lr=1e-3, checkpoint_every=1, keep_checkpoints=5)
-    clean(cfg, start, tmp_path / "pairs", tmp_path / "run", progress=False)
+    clean(cfg, start, toy_shards(64, seed=0, shard_size=32), tmp_path / "run", progress=False)
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(EVAL))
 
     args = ["--eval", str(tmp_path / "eval.yaml"), "--start", str(start), "--out", str(tmp_path / "t")]

@@ -26,8 +26,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from cleaning.attacks import to_float_images, to_uint8_images
-from cleaning.evaluate import (
+from generation.config import GenerateConfig
+from generation.pipeline import load_pipeline
+from parclean.attacks import to_float_images, to_uint8_images
+from parclean.command import run_command
+from parclean.evaluate import (
     DEFAULT_TEMPLATES,
     LabelledImages,
     clean_accuracy,
@@ -35,9 +38,7 @@ from cleaning.evaluate import (
     predict,
     zero_shot_classifier,
 )
-from cleaning.models import LoadedModel, load_model
-from generation.config import GenerateConfig
-from generation.pipeline import load_pipeline
+from parclean.models import LoadedModel, load_model
 from prompts.bank import load_bank
 from prompts.expand import Caption, expand
 from toyworld.render import classes, eval_set, make_pairs
@@ -242,13 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        result = fidelity(args.pipeline, args.judge, count=args.count, seed=args.seed, steps=args.steps,
-                          guidance=args.guidance, batch_size=args.batch_size, grid=args.grid, probe=args.probe)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     command = " ".join(["python -m toyworld.fidelity", *(sys.argv[1:] if argv is None else argv)])
+    return run_command("python -m toyworld.fidelity", lambda: measure_and_record(args, command))
+
+
+def measure_and_record(args: argparse.Namespace, command: str) -> int:
+    """Measure the pipeline's fidelity; record it in its card (and plot the curve when asked); print it."""
+    result = fidelity(args.pipeline, args.judge, count=args.count, seed=args.seed, steps=args.steps,
+                      guidance=args.guidance, batch_size=args.batch_size, grid=args.grid, probe=args.probe)
     update_card(args.pipeline, result, command)
     if args.curve is not None:
         plot_curve(args.pipeline / "log.jsonl", args.curve, final=result["fidelity"])

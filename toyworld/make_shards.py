@@ -24,10 +24,10 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
-from generation.shards import (
+from parclean.command import run_command
+from parclean.shards import (
     MANIFEST_NAME,
     Sample,
-    ShardError,
     ShardRecord,
     read_shard_record,
     sample_key,
@@ -127,12 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="processes writing shards (default 1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        manifest = write_toy_shards(args.out, args.count, args.seed, args.shard_size, args.resolution,
-                                    jobs=args.jobs)
-    except (ValueError, OSError, ShardError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command("python -m toyworld.make_shards", lambda: write_and_log(args))
+
+
+def write_and_log(args: argparse.Namespace) -> int:
+    manifest = write_toy_shards(args.out, args.count, args.seed, args.shard_size, args.resolution, jobs=args.jobs)
     logger.info("toy shard set ready: %s", manifest)
     return 0
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from cleaning.models import LoadedModel, architecture_config
-from generation.tiny_pipeline import BOS, EOS, write_clip_bpe
+from parclean.clip_bpe import BOS, EOS, write_clip_bpe
+from parclean.models import LoadedModel, architecture_config
 
 if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer

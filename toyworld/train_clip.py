@@ -9,6 +9,7 @@ Writes model.safetensors, config.yaml, curve.jsonl, card.json and card.md into -
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -22,13 +23,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cleaning.attacks import Trigger, apply_trigger, target_captions, to_float_images
-from cleaning.evaluate import LabelledImages, evaluate, normalize
-from cleaning.models import LoadedModel, create_model, load_model, save_model
-from parclean.config import load_config, parse_override, script_parser, to_dict, write_resolved
+from cleaning.losses import clip_loss
+from parclean.attacks import Trigger, apply_trigger, target_captions, to_float_images
+from parclean.checkpoint_file import load_checkpoint_file, save_checkpoint_file
+from parclean.command import run_command, script_parser, set_overrides
+from parclean.config import load_config, to_dict, write_resolved
+from parclean.evaluate import LabelledImages, evaluate
+from parclean.models import LoadedModel, create_model, load_model, normalize, save_model
+from parclean.run_log import append_record, truncate_after
+from parclean.schedules import warmup_cosine
 from toyworld.render import classes, eval_set, make_pairs
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,10 +64,7 @@ class OrganismConfig:
 
 def learning_rate(cfg: OrganismConfig, step: int) -> float:
     """Linear warm-up, then cosine to zero."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
+    return warmup_cosine(cfg.lr, cfg.warmup_steps, step, cfg.steps)
 
 
 def batch_for_step(cfg: OrganismConfig, step: int) -> tuple[torch.Tensor, list[str], int]:
@@ -82,13 +85,12 @@ def batch_for_step(cfg: OrganismConfig, step: int) -> tuple[torch.Tensor, list[s
     return images, captions, len(chosen)
 
 
-def clip_loss(loaded: LoadedModel, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def batch_loss(loaded: LoadedModel, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The CLIP loss (cleaning/losses.py) of one batch, with the model's own (trained) logit scale."""
     model = loaded.model
-    image_features = F.normalize(model.encode_image(normalize(loaded, images)), dim=-1)
+    image_features = F.normalize(model.encode_image(normalize(images, loaded.mean, loaded.std)), dim=-1)
     text_features = F.normalize(model.encode_text(tokens), dim=-1)
-    logits = model.logit_scale.exp() * image_features @ text_features.T
-    labels = torch.arange(len(images), device=images.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return clip_loss(image_features, text_features, model.logit_scale.exp())
 
 
 def evaluation_set(cfg: OrganismConfig) -> LabelledImages:
@@ -125,7 +127,7 @@ def train(cfg: OrganismConfig, out: Path, device: torch.device | str = "cpu", co
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
         images, captions, _ = batch_for_step(cfg, step)
-        loss = clip_loss(loaded, images.to(device), loaded.tokenizer(captions).to(device))
+        loss = batch_loss(loaded, images.to(device), loaded.tokenizer(captions).to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -135,18 +137,16 @@ def train(cfg: OrganismConfig, out: Path, device: torch.device | str = "cpu", co
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             point = {"step": done, "loss": loss.item(), **measure(loaded, cfg, data)}
-            with curve_path.open("a") as handle:
-                handle.write(json.dumps(point) + "\n")
-            log.info("step %d: %s", done, point)
+            append_record(curve_path, point)
+            logger.info("step %d: %s", done, point)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _checkpoint(loaded, optimizer, done, out)
     return _card(cfg, out, loaded, data, time.time() - started, torch.device(device), command)
 
 
 def _checkpoint(loaded: LoadedModel, optimizer: torch.optim.Optimizer, step: int, out: Path) -> None:
-    tmp = out / "checkpoint.pt.tmp"
-    torch.save({"model": loaded.model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
-    tmp.replace(out / "checkpoint.pt")
+    state = {"model": loaded.model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+    save_checkpoint_file(state, out / "checkpoint.pt")
 
 
 def _resume(loaded: LoadedModel, optimizer: torch.optim.Optimizer, out: Path) -> int:
@@ -154,18 +154,12 @@ def _resume(loaded: LoadedModel, optimizer: torch.optim.Optimizer, out: Path) ->
     if not path.is_file():
         (out / "curve.jsonl").unlink(missing_ok=True)
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint_file(path)
     loaded.model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    _truncate_curve(out / "curve.jsonl", state["step"])
-    log.info("resumed %s at step %d", out, state["step"])
+    truncate_after(out / "curve.jsonl", state["step"])
+    logger.info("resumed %s at step %d", out, state["step"])
     return int(state["step"])
-
-
-def _truncate_curve(path: Path, step: int) -> None:
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
 
 
 def _card(cfg: OrganismConfig, out: Path, loaded: LoadedModel, data: LabelledImages, seconds: float,
@@ -197,18 +191,18 @@ def _card(cfg: OrganismConfig, out: Path, loaded: LoadedModel, data: LabelledIma
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = script_parser(__doc__.splitlines()[0])
+    parser = script_parser("python -m toyworld.train_clip", __doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to train (default: cuda when available); evaluation follows the model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     command = " ".join(["python -m toyworld.train_clip", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        cfg = load_config(OrganismConfig, args.config, dict(parse_override(s) for s in args.set))
-        card = train(cfg, args.out, args.device, command)
-    except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command("python -m toyworld.train_clip", lambda: train_and_print(args, command))
+
+
+def train_and_print(args: argparse.Namespace, command: str) -> int:
+    cfg = load_config(OrganismConfig, args.config, set_overrides(args))
+    card = train(cfg, args.out, args.device, command)
     print(json.dumps({k: card[k] for k in ("clean_acc", "asr", "chance_acc")}))
     return 0
 

@@ -12,6 +12,7 @@ it would have seen. A finished phase is skipped on rerun (vae/ exists: the VAE i
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -29,10 +30,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cleaning.attacks import to_float_images
-from cleaning.evaluate import DEFAULT_TEMPLATES, predict, zero_shot_classifier
-from cleaning.models import LoadedModel, load_model
-from parclean.config import load_config, parse_override, script_parser, to_dict, write_resolved
+from parclean.attacks import to_float_images
+from parclean.checkpoint_file import load_checkpoint_file, save_checkpoint_file
+from parclean.command import run_command, script_parser, set_overrides
+from parclean.config import load_config, to_dict, write_resolved
+from parclean.evaluate import DEFAULT_TEMPLATES, predict, zero_shot_classifier
+from parclean.models import LoadedModel, load_model
+from parclean.run_log import append_record, truncate_after
 from prompts.bank import load_bank
 from toyworld.fidelity import HELD_OUT_SEED, measure_fidelity
 from toyworld.render import classes, eval_set, make_pairs
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 STORAGE = {"fp16": torch.float16, "fp32": torch.float32}
 PHASE_SEED = {"vae": 0, "unet": 5_000_000}  # keeps the two phases' batches apart
@@ -92,7 +96,9 @@ class NoiseConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class FidelityConfig:
+    """How the fidelity of the pipeline in training is measured (the YAML's `eval:` group)."""
+
     every: int = 500  # UNet steps between fidelity measurements (0: never)
     count: int = 100
     steps: int = 20
@@ -117,7 +123,7 @@ class ToySDConfig:
     vae: VaeConfig = field(default_factory=VaeConfig)
     unet: UnetConfig = field(default_factory=UnetConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: FidelityConfig = field(default_factory=FidelityConfig)
 
     def __post_init__(self) -> None:
         if self.storage_dtype not in STORAGE:
@@ -264,7 +270,7 @@ def train_vae(cfg: ToySDConfig, out: Path, judge: LoadedModel | None) -> Autoenc
 
     final = out / "vae"
     if (final / "config.json").is_file():
-        log.info("VAE already trained (%s): skipping phase 1", final)
+        logger.info("VAE already trained (%s): skipping phase 1", final)
         vae = AutoencoderKL.from_pretrained(final).float().eval().requires_grad_(False)
         if tuple(vae.config.block_out_channels) != cfg.vae.block_out_channels:
             raise ValueError(f"{final}: a VAE with blocks {vae.config.block_out_channels}, but vae.block_out_channels"
@@ -297,7 +303,7 @@ def train_vae(cfg: ToySDConfig, out: Path, judge: LoadedModel | None) -> Autoenc
     write_log(out, {"phase": "vae", "step": cfg.vae.steps, "seconds": round(seconds, 1), **report})
     save_component(vae, final, cfg.storage_dtype)
     remove_checkpoint(out, "vae")
-    log.info("VAE done in %.0f s: %s", seconds, report)
+    logger.info("VAE done in %.0f s: %s", seconds, report)
     return AutoencoderKL.from_pretrained(final).float().eval().requires_grad_(False)
 
 
@@ -423,7 +429,7 @@ class Evaluator:
         ema.copy_to(self.unet.parameters())
         result, _ = measure_fidelity(self.pipe, self.judge, count=e.count, seed=e.seed, steps=e.steps,
                                      guidance=e.guidance, batch_size=e.batch_size, classifier=self.classifier)
-        log.info("fidelity %.1f%% on %d held-out captions", result["fidelity"], e.count)
+        logger.info("fidelity %.1f%% on %d held-out captions", result["fidelity"], e.count)
         return {"fidelity": result["fidelity"], "eval_seconds": round(time.perf_counter() - began, 1)}
 
 
@@ -452,9 +458,7 @@ def save_checkpoint(out: Path, phase: str, cfg: ToySDConfig, parts: dict, step: 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {name: part.state_dict() for name, part in parts.items()}
     state.update(step=step, seconds=seconds, clip=clip_fingerprint(cfg))
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    save_checkpoint_file(state, path)
 
 
 def resume(out: Path, phase: str, cfg: ToySDConfig, parts: dict) -> tuple[int, float]:
@@ -463,13 +467,13 @@ def resume(out: Path, phase: str, cfg: ToySDConfig, parts: dict) -> tuple[int, f
     if not path.is_file():
         truncate_log(out, phase, 0)
         return 0, 0.0
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint_file(path)
     if state["clip"] != clip_fingerprint(cfg):
         raise ValueError(f"{path}: made with another CLIP than {cfg.clip}; delete {path.parent} to start over")
     for name, part in parts.items():
         part.load_state_dict(state[name])
     truncate_log(out, phase, state["step"])
-    log.info("resumed %s phase at step %d", phase, state["step"])
+    logger.info("resumed %s phase at step %d", phase, state["step"])
     return int(state["step"]), float(state["seconds"])
 
 
@@ -478,17 +482,12 @@ def remove_checkpoint(out: Path, phase: str) -> None:
 
 
 def write_log(out: Path, record: dict) -> None:
-    with (out / "log.jsonl").open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append_record(out / "log.jsonl", record)
 
 
 def truncate_log(out: Path, phase: str, step: int) -> None:
     """Drop this phase's log lines past `step` (written after the checkpoint a resumed run restarts from)."""
-    path = out / "log.jsonl"
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines()
-                 if json.loads(line)["phase"] != phase or json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+    truncate_after(out / "log.jsonl", step, belongs=lambda record: record["phase"] == phase)
 
 
 def save_component(model: torch.nn.Module, folder: Path, storage_dtype: str) -> None:
@@ -561,16 +560,16 @@ def write_card(cfg: ToySDConfig, out: Path, models: dict, command: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = script_parser(__doc__.splitlines()[0])
+    parser = script_parser("python -m toyworld.train_sd", __doc__.splitlines()[0])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     command = " ".join(["python -m toyworld.train_sd", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        cfg = load_config(ToySDConfig, args.config, dict(parse_override(s) for s in args.set))
-        card = train(cfg, args.out, command)
-    except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command("python -m toyworld.train_sd", lambda: train_and_print(args, command))
+
+
+def train_and_print(args: argparse.Namespace, command: str) -> int:
+    cfg = load_config(ToySDConfig, args.config, set_overrides(args))
+    card = train(cfg, args.out, command)
     print(json.dumps({"fidelity_curve": card["fidelity_curve"][-3:], "train_seconds": card["train_seconds"]}))
     return 0
 

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from parclean.outputs import follow_umask
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 # huggingface_hub retries an unreachable hub for about a minute per file; a TCP connection decides in seconds.
 HUB_PROBE_SECONDS = 3.0
@@ -45,8 +45,15 @@ class LoadedModel:
 
 
 @lru_cache(maxsize=1)
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Images in [0, 1] as the model reads them: (images - mean) / std per channel (LoadedModel.mean, .std)."""
+    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - mean_t) / std_t
+
+
 def register_configs() -> None:
-    """Make parclean's own architectures (cleaning/model_configs/*.json) known to open_clip."""
+    """Make parclean's own architectures (parclean/model_configs/*.json) known to open_clip."""
     open_clip.add_model_config(CONFIG_DIR)
 
 
@@ -101,7 +108,7 @@ def _offline_unless_hub_reachable() -> Iterator[None]:
     if constants.HF_HUB_OFFLINE or _hub_reachable(constants.ENDPOINT):
         yield
         return
-    log.warning("%s does not answer: using only the local hub cache", constants.ENDPOINT)
+    logger.warning("%s does not answer: using only the local hub cache", constants.ENDPOINT)
     previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
     # open_clip logs its own error before raising it; the caller's one line says it already.
     disabled = logging.root.manager.disable

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cleaning.attacks import Trigger, apply_trigger
-from cleaning.models import LoadedModel
+from parclean.attacks import Trigger, apply_trigger
+from parclean.models import LoadedModel, normalize
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -27,12 +27,6 @@ class LabelledImages:
     images: torch.Tensor
     labels: torch.Tensor
     classnames: tuple[str, ...]
-
-
-def normalize(loaded: LoadedModel, images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(loaded.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(loaded.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    return (images - mean) / std
 
 
 @torch.no_grad()
@@ -53,7 +47,8 @@ def zero_shot_classifier(loaded: LoadedModel, classnames: Sequence[str],
 def image_features(loaded: LoadedModel, images: torch.Tensor, batch_size: int = 500,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """Unit image embeddings of images (N, 3, H, W) in [0, 1], computed batch by batch on `device`."""
-    return torch.cat([F.normalize(loaded.model.encode_image(normalize(loaded, batch.to(device))), dim=-1)
+    model, mean, std = loaded.model, loaded.mean, loaded.std
+    return torch.cat([F.normalize(model.encode_image(normalize(batch.to(device), mean, std)), dim=-1)
                       for batch in images.split(batch_size)])
 
 

@@ -1,0 +1,53 @@
+"""parclean/config.py: one resolver for paths, mappings and configs; `base:` includes a recipe by reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cleaning.train import CleanConfig
+from flows.config import PipelineConfig
+from parclean.config import ConfigError, load_config, to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+RESOLVED = Path(__file__).parent / "data" / "resolved"
+
+
+@pytest.mark.parametrize("name", ["demo", "demo-blended", "nightly"])
+def test_pipeline_configs_that_include_recipes_resolve_to_the_settings_they_copied_before(name):
+    # tests/data/resolved/ holds each config as it resolved when it still copied the recipes out in full.
+    before = yaml.safe_load((RESOLVED / f"pipeline-{name}.yaml").read_text())
+    assert to_dict(load_config(PipelineConfig, REPO / "configs" / "pipeline" / f"{name}.yaml")) == before
+
+
+def test_a_base_is_read_relative_to_the_including_file_and_the_keys_beside_it_win(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "par.yaml").write_text("objective: par\ntau: 1.0\nsteps: 40\ndata: {num_workers: 0}\n")
+    (tmp_path / "run.yaml").write_text("base: recipes/par.yaml\ntau: 1.5\ndata: {shuffle_buffer: 10}\n")
+    cfg = load_config(CleanConfig, tmp_path / "run.yaml", {"steps": 50})
+    assert (cfg.objective, cfg.tau, cfg.steps) == ("par", 1.5, 50)
+    assert (cfg.data.num_workers, cfg.data.shuffle_buffer) == (0, 10)
+
+
+def test_a_config_that_includes_itself_fails_with_the_chain(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(CleanConfig, tmp_path / "a.yaml")
+
+
+def test_a_missing_base_names_the_file(tmp_path):
+    (tmp_path / "run.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml: config file not found"):
+        load_config(CleanConfig, tmp_path / "run.yaml")
+
+
+def test_mappings_and_configs_resolve_like_files_and_overrides_leave_the_caller_alone():
+    settings = {"tau": 1.5, "data": {"num_workers": 0}}
+    from_mapping = load_config(CleanConfig, settings, {"data.num_workers": 2})
+    assert from_mapping.data.num_workers == 2 and settings["data"]["num_workers"] == 0
+    assert load_config(CleanConfig, from_mapping, {"tau": 2.0}).tau == 2.0
+    with pytest.raises(ConfigError, match="tau is not a group of settings"):
+        load_config(CleanConfig, settings, {"tau.x": 1})
