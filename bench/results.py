@@ -143,6 +143,11 @@ def fingerprint(cfg: ResultsConfig, organism: str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+# Settings added to the recipe after rows were recorded, at the value that changes nothing: left out of the
+# fingerprint at that value, so that adding a setting does not retire every row measured before it existed.
+NEUTRAL_ADDITIONS = {"align_reference": False}
+
+
 def recipe_fingerprint(cfg: ResultsConfig, cell: Cell) -> str:
     """First 16 hex digits of the sha256 of what shapes a cell's weights: its resolved recipe (without the settings
     that only pace a run, such as checkpoint_every) and its shard set."""
@@ -151,7 +156,7 @@ def recipe_fingerprint(cfg: ResultsConfig, cell: Cell) -> str:
 
     settings = to_dict(cell_recipe(cfg, cell))
     pacing = {key for key in RESUMABLE_CHANGES if key != "steps"}
-    settings = {k: v for k, v in settings.items() if k not in pacing}
+    settings = {k: v for k, v in settings.items() if k not in pacing and NEUTRAL_ADDITIONS.get(k, ...) != v}
     settings["data"] = {k: v for k, v in settings["data"].items() if f"data.{k}" not in pacing}
     shards = {d.name: d.shards for d in cfg.data}[cell.data]
     text = json.dumps({"recipe": settings, "shards": shards}, sort_keys=True)
