@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=2.0, help="anomaly index that flags a class (default 2, "
                         "Neural Cleanse's)")
     parser.add_argument("--steps", type=int, default=None, help="optimisation steps per class and trigger form")
+    parser.add_argument("--images-per-class", type=int, default=None,
+                        help="clean images of each other class the inverted trigger must flip (default 4; 8 separates "
+                        "a target from its look-alike class better, at twice the time)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
@@ -24,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from cleaning.report import load_images
     from cleaning.scan import ScanConfig, scan
 
-    scan_cfg = ScanConfig(threshold=args.threshold, seed=args.seed,
-                          **({"steps": args.steps} if args.steps is not None else {}))
+    given = {"steps": args.steps, "images_per_class": args.images_per_class}
+    scan_cfg = ScanConfig(threshold=args.threshold, seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     loaded, eval_cfg = model_and_eval(args)
     start = time.perf_counter()
     result = scan(loaded, load_images(eval_cfg, loaded.image_size), scan_cfg, eval_cfg.templates)
