@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from parclean import console
+from parclean import console, stop
 from parclean.command import run_command
 
 # name: (module:function adding the arguments, module:function running the command, one-line help).
@@ -61,7 +61,14 @@ INTERRUPTED, TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # the shell
 
 def stop_on_sigterm(signum: int, frame: object) -> None:
     """SIGTERM unwinds like Ctrl-C: context managers close (Prefect's temporary server stops with this process)."""
+    stop.request()
     raise SystemExit(TERMINATED)
+
+
+def stop_on_sigint(signum: int, frame: object) -> None:
+    """Ctrl-C: the default KeyboardInterrupt, and worker threads are told to stop too."""
+    stop.request()
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,21 +76,23 @@ def main(argv: list[str] | None = None) -> int:
     restore_logging = console.configure(args.verbose)
     command = function(SUBCOMMANDS[args.command][1])
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
+    stop.clear()
+    previous = {sig: signal.signal(sig, handler) for sig, handler in
+                ((signal.SIGTERM, stop_on_sigterm), (signal.SIGINT, stop_on_sigint))} if in_main_thread else {}
     try:
         # One clear line for people; the traceback only with --verbose.
         return run_command(f"parclean {args.command}", lambda: command(args), verbose=args.verbose)
-    except (KeyboardInterrupt, SystemExit) as stop:
-        if isinstance(stop, SystemExit) and stop.code != TERMINATED:
+    except (KeyboardInterrupt, SystemExit) as stopped:
+        if isinstance(stopped, SystemExit) and stopped.code != TERMINATED:
             raise
-        how = "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
+        how = "Ctrl-C" if isinstance(stopped, KeyboardInterrupt) else "SIGTERM"
         print(f"parclean {args.command}: stopped by {how}; the same command resumes from the last checkpoint",
               file=sys.stderr)
-        return INTERRUPTED if isinstance(stop, KeyboardInterrupt) else TERMINATED
+        return INTERRUPTED if isinstance(stopped, KeyboardInterrupt) else TERMINATED
     finally:
         restore_logging()  # main() may be called again in one process (tests, notebooks)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

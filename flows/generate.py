@@ -36,6 +36,7 @@ from generation.run import (
     shard_plan,
     write_set_manifest,
 )
+from parclean import stop
 from parclean.config import ConfigError, load_config, to_dict
 from parclean.shards import shard_is_complete
 
@@ -157,9 +158,16 @@ def generate_shards_flow(
     prefix = artifact_prefix or artifact_key(Path(out).resolve().name)
     watcher = GenerationWatcher(counters, total, already, key=artifact_key(prefix, "generation-progress"))
     start = time.perf_counter()
+    stop.clear()
     with pool, watcher:
-        results, failed = _run_shards(pool, shard_task, todo, window(runner, n_workers, dask_address),
-                                      {"cfg": cfg, "out_dir": out, "gpu_limit": gpu_limit})
+        try:
+            results, failed = _run_shards(pool, shard_task, todo, window(runner, n_workers, dask_address),
+                                          {"cfg": cfg, "out_dir": out, "gpu_limit": gpu_limit})
+        except BaseException:
+            # The run is unwinding (Ctrl-C, or Prefect's TerminationSignal for SIGTERM): the pool waits for its
+            # threads on the way out, and signals never reach them, so ask them to stop at their next batch.
+            stop.request()
+            raise
     shutil.rmtree(counters, ignore_errors=True)
     if failed:
         logger.error("%d of %d shards failed; finished shards are kept and a rerun resumes", len(failed), len(todo))

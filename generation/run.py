@@ -16,6 +16,7 @@ from tqdm import tqdm
 from generation.config import GenerateConfig
 from generation.images import generate_batch, image_seed, resize_for_storage
 from generation.pipeline import load_pipeline
+from parclean import stop
 from parclean.config import to_dict, write_resolved
 from parclean.outputs import output_lock
 from parclean.shards import (
@@ -112,6 +113,7 @@ def generate_shard(
     start = time.perf_counter()
     samples = []
     for first in range(0, len(captions), cfg.batch_size):
+        stop.check(f"shard {index}")  # nothing of this shard is written: a rerun generates it again
         batch = captions[first : first + cfg.batch_size]
         seeds = [image_seed(cfg.seed, caption.index) for caption in batch]
         generated = generate_batch(pipe, [caption.text for caption in batch], seeds, cfg)

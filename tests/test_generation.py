@@ -154,6 +154,20 @@ def test_safety_checker_flags_images_but_keeps_them(tiny_sd_dir, tiny_pipe, tmp_
 # ------------------------------------------------------------------------------------------ shard sets
 
 
+def test_a_stop_request_ends_generation_at_the_next_batch_and_a_rerun_completes(tiny_sd_dir, tmp_path):
+    from parclean import stop
+
+    cfg = tiny_config(tiny_sd_dir)
+    stop.request()  # what the command layer does on SIGTERM / Ctrl-C, for worker threads signals never reach
+    try:
+        with pytest.raises(stop.StopRequested, match="shard 0: stopped"):
+            generate_shards(cfg, tmp_path, progress=False)
+    finally:
+        stop.clear()
+    assert not list(tmp_path.glob("*.tar"))
+    assert generate_shards(cfg, tmp_path, progress=False)["shards_written"] == 3
+
+
 def test_generate_shards_gives_a_set_webdataset_reads(tiny_sd_dir, tmp_path):
     cfg = tiny_config(tiny_sd_dir, store_size=16)
     summary = generate_shards(cfg, tmp_path, progress=False)
