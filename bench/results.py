@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from parclean.command import add_config_options, run_command, set_overrides
 from parclean.config import load_config, parse_override
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,7 @@ def run(cfg: ResultsConfig, only: dict[str, str], jobs: int = 1) -> None:
     for cell, outcome in _outcomes(cfg, todo, work, jobs):
         if isinstance(outcome, Exception):  # the other cells go on; their rows are kept
             failed.append(f"{cell.key}: {outcome}")
-            log.error("%s", failed[-1])
+            logger.error("%s", failed[-1])
         else:
             _record(rows_path, outcome)
     if failed:
@@ -257,7 +258,7 @@ def _outcomes(cfg: ResultsConfig, todo: list[Cell], work: Path, jobs: int) -> It
     """Each cell with its row, or the error that stopped it, as the cells finish."""
     if jobs == 1:
         for number, cell in enumerate(todo, 1):
-            log.info("[%d/%d] %s", number, len(todo), cell.key)
+            logger.info("[%d/%d] %s", number, len(todo), cell.key)
             try:
                 yield cell, run_cell(cfg, cell, work)
             except Exception as err:
@@ -265,7 +266,7 @@ def _outcomes(cfg: ResultsConfig, todo: list[Cell], work: Path, jobs: int) -> It
         return
     # spawn, not fork: CUDA cannot be used in a forked child
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        log.info("%d cells, %d at a time", len(todo), jobs)
+        logger.info("%d cells, %d at a time", len(todo), jobs)
         futures = {pool.submit(run_cell, cfg, cell, work): cell for cell in todo}
         for future in as_completed(futures):
             try:
@@ -276,7 +277,7 @@ def _outcomes(cfg: ResultsConfig, todo: list[Cell], work: Path, jobs: int) -> It
 
 def _record(rows_path: Path, row: dict[str, Any]) -> None:
     _append(rows_path, row)
-    log.info("%s: clean %.1f, ASR %.1f (%.0f s)", row["key"], row["clean_acc"], row["asr"], row["seconds"])
+    logger.info("%s: clean %.1f, ASR %.1f (%.0f s)", row["key"], row["clean_acc"], row["asr"], row["seconds"])
 
 
 def _selected(values: dict[str, str], only: dict[str, str]) -> bool:
@@ -421,8 +422,8 @@ real pairs, 5 with generated pairs).
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.results", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/results/toy-3k.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_config_options(parser, config_help="results config (configs/results/)",
+                       config_default="configs/results/toy-3k.yaml")
     parser.add_argument("--only", action="append", default=[], metavar="FIELD=VALUE",
                         help="run only matching cells: organism, data, method or seed (repeatable)")
     parser.add_argument("--jobs", type=int, default=1,
@@ -430,18 +431,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only rewrite the document from the rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        cfg = load_config(ResultsConfig, args.config, dict(parse_override(s) for s in args.set))
-        only = dict(parse_override(s) for s in args.only)
-        if not args.report:
-            if args.jobs < 1:
-                raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
-            run(cfg, only, args.jobs)
-        print(write_doc(cfg, args.config))
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(parser.prog, lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> None:
+    cfg = load_config(ResultsConfig, args.config, set_overrides(args))
+    only = dict(parse_override(s) for s in args.only)
+    if not args.report:
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+        run(cfg, only, args.jobs)
+    print(write_doc(cfg, args.config))
 
 
 if __name__ == "__main__":

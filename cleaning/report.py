@@ -130,16 +130,18 @@ class Report:
             lines += ["", "## Timings", ""] + [f"- {key}: {value:.1f} s" for key, value in self.timings.items()]
         return "\n".join(lines) + "\n"
 
-    def _scan_lines(self) -> list[str]:
-        """The scan's verdicts before and after (the trigger is not assumed known), when the run scanned."""
-        if "scan" not in self.before:
-            return []
+    def scan_verdicts(self) -> list[str]:
+        """'before: ...' and 'after: ...', the scan's verdicts (the trigger not assumed known), if the run scanned."""
         from cleaning.scan import verdict_text
 
-        lines = ["", "## Backdoor scan (trigger not known; docs/scan.md)", ""]
-        lines += [f"- {label}: {verdict_text(numbers['scan'])}" for label, numbers in
-                  (("before", self.before), ("after", self.after)) if "scan" in numbers]
-        return lines
+        return [f"{label}: {verdict_text(numbers['scan'])}" for label, numbers in
+                (("before", self.before), ("after", self.after)) if "scan" in numbers]
+
+    def _scan_lines(self) -> list[str]:
+        verdicts = self.scan_verdicts()
+        if not verdicts:
+            return []
+        return ["", "## Backdoor scan (trigger not known; docs/scan.md)", ""] + [f"- {line}" for line in verdicts]
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         """report.json and report.md in `out_dir`."""
@@ -208,11 +210,9 @@ def plot_training(log_path: str | Path, png_path: str | Path) -> Path:
 
 
 def before_after_table(report_md: str | Path) -> str:
-    """The report's before/after rows as a plain-text table (from report.json beside report.md)."""
-    data = json.loads(Path(report_md).with_name("report.json").read_text())
-    before, after = data["before"], data["after"]
-    rows = [("clean accuracy (%)", before["clean_acc"], after["clean_acc"])]
-    rows += [(f"ASR {name} (%)", value, after["asr"].get(name)) for name, value in before["asr"].items()]
-    lines = [f"{'metric':<24}{'before':>8}{'after':>8}"]
-    lines += [f"{metric:<24}{b:>8.1f}{a:>8.1f}" for metric, b, a in rows]
-    return "\n".join(lines)
+    """The report's before/after rows as a plain-text table (from report.json beside report.md), with the scan's
+    verdicts when the run scanned."""
+    report = Report.read(Path(report_md).parent)
+    lines = [f"{'metric':<40}{'before':>8}{'after':>8}"]
+    lines += [f"{row['metric']:<40}{row['before']:>8.1f}{row['after']:>8.1f}" for row in report.rows()]
+    return "\n".join(lines + report.scan_verdicts())

@@ -44,3 +44,18 @@ def test_report_shows_the_scan_verdicts_before_and_after_beside_the_asr() -> Non
     markdown = report.markdown()
     assert "- before: backdoor suspected: target 'moon' (patch trigger), score 5.44 > 2" in markdown
     assert "- after: no backdoor found (score 1.21 <= 2, most anomalous class 'ring')" in markdown
+
+
+
+def test_the_terminal_table_shows_every_report_row_and_the_scan_verdicts(tmp_path: Path) -> None:
+    from cleaning.report import before_after_table
+
+    verdict = {"suspicious": False, "target": None, "score": 1.7, "threshold": 2.0, "form": None,
+               "most_anomalous": "ring"}
+    Report(before={"clean_acc": 86.8, "asr": {"badnet": 100.0}, "scan": verdict},
+           after={"clean_acc": 85.9, "asr": {"badnet": 76.2}, "scan": verdict}).write(tmp_path)
+    lines = before_after_table(tmp_path / "report.md").splitlines()
+    assert lines[2].split() == ["ASR", "badnet", "(%)", "100.0", "76.2"]
+    assert lines[3].startswith("backdoor scan score (flagged above 2)")
+    assert lines[4:] == ["before: no backdoor found (score 1.70 <= 2, most anomalous class 'ring')",
+                         "after: no backdoor found (score 1.70 <= 2, most anomalous class 'ring')"]
