@@ -2,7 +2,8 @@
 
 A toy Stable Diffusion generates caption-image pairs from the toy-world bank, the scan looks for a backdoor,
 PAR+CleanCLIP cleans the v2 BadNet toy CLIP on the pairs, and the before/after table (clean accuracy, ASR, the
-scan's verdicts) is printed with the report's path. Sizes live in configs/pipeline/demo.yaml. Without PREFECT_API_URL, Prefect runs a temporary local server for the run.
+scan's verdicts) is printed with the report's path. Sizes live in configs/pipeline/demo.yaml. Without
+PREFECT_API_URL, Prefect runs a temporary local server for the run.
 """
 
 from __future__ import annotations
