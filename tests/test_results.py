@@ -54,6 +54,22 @@ def test_par_removes_the_blended_backdoor_at_a_short_budget(toy_pairs, tmp_path)
     assert after["clean_acc"] >= 15.0, after  # well above chance (10%): the model still works
 
 
+def test_par_cleanclip_takes_most_of_the_v2_badnet_backdoor_and_keeps_accuracy(toy_pairs, tmp_path):
+    """The shipped v2 BadNet organism (in the paper's regime: docs/organism.md) cleaned with
+    configs/clean/toy-cpu-par-cleanclip.yaml at tau 2.15, 200 steps at batch 128 (1.1% of the base's pretraining
+    samples; 2-3 minutes on a CPU):
+    measured 87.0 / 100 -> 85.6 / 30.4 (clean accuracy / ASR, 500 images). Not a removal (the bar is ASR <= 10%):
+    docs/results-v2.md has the table and why."""
+    cfg = ResultsConfig(organisms=(), data=(), methods=(), eval_count=500, models_dir=str(MODELS / "v2"))
+    before = measure_model(cfg, "clip-badnet", MODELS / "v2" / "clip-badnet")
+    recipe = replace(load_config(CleanConfig, ROOT / "configs" / "clean" / "toy-cpu-par-cleanclip.yaml"), tau=2.15,
+                     steps=200, batch_size=128, warmup_steps=20, threads=0)
+    result = clean(recipe, MODELS / "v2" / "clip-badnet", toy_pairs, tmp_path / "par-cleanclip", progress=False)
+    after = measure_model(cfg, "clip-badnet", Path(result["model"]))
+    assert before["asr"] >= 95.0 and after["asr"] <= 60.0, (before, after)
+    assert after["clean_acc"] >= before["clean_acc"] - 3.0, (before, after)
+
+
 @pytest.mark.slow
 def test_par_removes_the_blended_backdoor_and_keeps_most_accuracy(tmp_path_factory, tmp_path):
     """The table's PAR cell for the shipped Blended organism (clean 65.0, ASR 90.6), run again from scratch:
