@@ -92,3 +92,23 @@ def toy_clip():
             if "ln" in name or "bias" in name:
                 param.add_(0.2 * torch.randn(param.shape, generator=generator))
     return loaded
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The packaged toy-world prompt bank."""
+    from prompts.bank import load_bank
+
+    return load_bank("toyworld")
+
+
+@pytest.fixture
+def write_file(tmp_path: Path) -> Callable[[str, str], Path]:
+    """write_file(name, text): a file of that name and text in the test's tmp_path."""
+
+    def write(name: str, text: str) -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write

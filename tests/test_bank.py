@@ -33,19 +33,8 @@ def imagenet_classnames() -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="module")
-def toy() -> Bank:
-    return load_bank("toyworld")
-
-
-@pytest.fixture(scope="module")
 def general() -> Bank:
     return load_bank("general")
-
-
-def write(tmp_path: Path, name: str, text: str) -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
 
 
 def concept_counts(captions: list[Caption]) -> collections.Counter:
@@ -87,8 +76,8 @@ def test_general_bank_has_the_imagenet_classes_and_5000_distinct_captions(genera
 # --- text banks -------------------------------------------------------------------------------------------------
 
 
-def test_text_bank(tmp_path):
-    path = write(tmp_path, "mine.txt", "# my captions\n\na red bus\n  a dog on a sofa  \n# end\na {brace} ok\n")
+def test_text_bank(write_file):
+    path = write_file("mine.txt", "# my captions\n\na red bus\n  a dog on a sofa  \n# end\na {brace} ok\n")
     bank = load_bank(path)
     assert bank.name == "mine" and bank.concept is None and bank.templates == ()
     assert bank.captions == ("a red bus", "a dog on a sofa", "a {brace} ok")
@@ -161,23 +150,23 @@ BAD_BANKS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_BANKS))
-def test_bad_bank_names_file_and_line(tmp_path, case):
+def test_bad_bank_names_file_and_line(write_file, case):
     text, pattern = BAD_BANKS[case]
-    path = write(tmp_path, "broken.yaml", text)
+    path = write_file("broken.yaml", text)
     with pytest.raises(BankError, match=pattern) as err:
         load_bank(path)
     assert str(err.value).startswith(str(path))
 
 
-def test_duplicate_text_caption_names_both_lines(tmp_path):
-    path = write(tmp_path, "dup.txt", "a cat\n# x\na dog\na cat\n")
+def test_duplicate_text_caption_names_both_lines(write_file):
+    path = write_file("dup.txt", "a cat\n# x\na dog\na cat\n")
     with pytest.raises(BankError, match=r"dup.txt: line 4: duplicate caption 'a cat' \(first on line 1\)"):
         load_bank(path)
 
 
-def test_empty_text_bank(tmp_path):
+def test_empty_text_bank(write_file):
     with pytest.raises(BankError, match=r"empty.txt: no captions"):
-        load_bank(write(tmp_path, "empty.txt", "# nothing\n\n"))
+        load_bank(write_file("empty.txt", "# nothing\n\n"))
 
 
 def test_missing_bank_lists_packaged_banks(tmp_path):
@@ -187,6 +176,6 @@ def test_missing_bank_lists_packaged_banks(tmp_path):
         load_bank(tmp_path / "missing.yaml")
 
 
-def test_unknown_bank_suffix(tmp_path):
+def test_unknown_bank_suffix(write_file):
     with pytest.raises(BankError, match=r"bank.json: unknown bank type"):
-        load_bank(write(tmp_path, "bank.json", "{}"))
+        load_bank(write_file("bank.json", "{}"))

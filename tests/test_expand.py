@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from prompts import expand as expand_module
-from prompts.bank import Bank, BankError, load_bank
+from prompts.bank import BankError, load_bank
 from prompts.expand import Caption, expand, fill, random_caption
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,17 +27,6 @@ TOY_SLOTS = {
     "size": ("small", "large"),
     "position": ("top left", "top right", "bottom left", "bottom right", "center"),
 }
-
-
-@pytest.fixture(scope="module")
-def toy() -> Bank:
-    return load_bank("toyworld")
-
-
-def write(tmp_path: Path, name: str, text: str) -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
 
 
 def concept_counts(captions: list[Caption]) -> collections.Counter:
@@ -133,9 +122,9 @@ slots:
 """
 
 
-def test_distinct_limit_is_exact_when_texts_collide(tmp_path):
+def test_distinct_limit_is_exact_when_texts_collide(write_file):
     # "u" + "v w" and "u v" + "w" are the same text, so "u v" has one distinct caption and "u" two.
-    bank = load_bank(write(tmp_path, "colliding.yaml", COLLIDING))
+    bank = load_bank(write_file("colliding.yaml", COLLIDING))
     captions = expand(bank, 3, seed=0)
     assert sorted(c.text for c in captions) == ["u v v w", "u v w", "u w"]
     assert concept_counts(captions) == {"u": 2, "u v": 1}
@@ -143,10 +132,10 @@ def test_distinct_limit_is_exact_when_texts_collide(tmp_path):
         expand(bank, 4, seed=0)
 
 
-def test_sampled_banks_report_exhaustion(tmp_path, monkeypatch):
+def test_sampled_banks_report_exhaustion(write_file, monkeypatch):
     monkeypatch.setattr(expand_module, "ENUMERATE_LIMIT", 0)  # sample even this tiny bank
     monkeypatch.setattr(expand_module, "MAX_TRIES", 500)
-    bank = load_bank(write(tmp_path, "colliding.yaml", COLLIDING))
+    bank = load_bank(write_file("colliding.yaml", COLLIDING))
     assert len(expand(bank, 2, seed=0)) == 2
     with pytest.raises(BankError, match=r"colliding.yaml.*no new distinct caption for c '(u|u v)'"):
         expand(bank, 4, seed=0)
