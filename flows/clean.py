@@ -160,22 +160,26 @@ def clean_model_flow(
     model, shards, out = str(model), str(shards), str(out_dir)
     prefix = artifact_prefix or Path(out).resolve().name
     scan_cfg = None if scan_config is None else load_config(ScanConfig, scan_config)
-    before = evaluate_task(model, eval_cfg, label="before")
-    timings = {**(extra_timings or {}), "evaluate before": before.pop("seconds")}
-    if scan_cfg is not None:
-        before["scan"] = scan_task(model, eval_cfg, scan_cfg, label="before")
-        timings["scan before"] = before["scan"].pop("seconds")
+    timings = dict(extra_timings or {})
+    before = _measure(model, eval_cfg, scan_cfg, "before", timings)
     start = time.perf_counter()
     result = clean_task(model, shards, clean_cfg, out, launcher, num_processes, accelerate_args, prefix)
     timings["clean"] = round(time.perf_counter() - start, 3)
-    after = evaluate_task(str(Path(out) / MODEL_NAME), eval_cfg, label="after")
-    timings["evaluate after"] = after.pop("seconds")
-    if scan_cfg is not None:
-        after["scan"] = scan_task(str(Path(out) / MODEL_NAME), eval_cfg, scan_cfg, label="after")
-        timings["scan after"] = after["scan"].pop("seconds")
+    after = _measure(str(Path(out) / MODEL_NAME), eval_cfg, scan_cfg, "after", timings)
     settings = report_settings(model, shards, clean_cfg, eval_cfg, result, extra_settings)
     report_md = write_report_task(before, after, settings, timings, out)
     return publish_report_task(out, prefix) if publish else report_md
+
+
+def _measure(model: str, eval_cfg: EvalConfig, scan_cfg: ScanConfig | None, label: str,
+             timings: dict[str, float]) -> dict[str, Any]:
+    """Clean accuracy and ASR of `model`, and the scan's verdict when scan_cfg is set; their seconds go to timings."""
+    numbers = evaluate_task(model, eval_cfg, label=label)
+    timings[f"evaluate {label}"] = numbers.pop("seconds")
+    if scan_cfg is not None:
+        numbers["scan"] = scan_task(model, eval_cfg, scan_cfg, label=label)
+        timings[f"scan {label}"] = numbers["scan"].pop("seconds")
+    return numbers
 
 
 def report_settings(model: str, shards: str, clean_cfg: CleanConfig, eval_cfg: EvalConfig, result: dict,
