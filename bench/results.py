@@ -141,7 +141,12 @@ def fingerprint(cfg: ResultsConfig, organism: str) -> str:
     path = Path(cfg.models_dir) / organism / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no organism weights (is {organism!r} a shipped organism?)")
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return weights_fingerprint(path)
+
+
+def weights_fingerprint(file: Path) -> str:
+    """First 16 hex digits of the sha256 of a weights file: what marks a row as measured on these weights."""
+    return hashlib.sha256(file.read_bytes()).hexdigest()[:16]
 
 
 # Settings added to the recipe after rows were recorded, at the value that changes nothing: left out of the

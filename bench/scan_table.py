@@ -13,7 +13,6 @@ false-positive rates replace the part of the doc between its table markers.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import multiprocessing
 import sys
@@ -22,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.results import weights_fingerprint
 from parclean.config import load_config
 
 BACKDOORED_ASR = 10.0  # the bar: a cleaned model at or below this ASR must not be flagged
@@ -49,7 +49,7 @@ def weights_sha(path: str) -> str:
     file = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no model weights (make it first: see configs/scan/table.yaml)")
-    return hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    return weights_fingerprint(file)
 
 
 def scan_row(model: ScannedModel, seed: int, eval_count: int, sha: str) -> dict:
