@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import types
 import typing
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from parclean.paths import looked_for
 
 T = TypeVar("T")
 BASE_KEY = "base"  # in any mapping of a config file: the file whose settings it starts from
@@ -90,7 +93,7 @@ def read_config_file(path: str | Path, _including: tuple[Path, ...] = ()) -> dic
     replaced by that file's settings, which the mapping's other keys then override."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: config file not found{looked_for(path)}")
     if path.resolve() in _including:
         chain = " -> ".join(str(p) for p in (*_including, path.resolve()))
         raise ConfigError(f"{path}: includes itself through base: ({chain})")
@@ -113,6 +116,10 @@ def _include_bases(data: dict[str, Any], path: Path, including: tuple[Path, ...]
     base = data.pop(BASE_KEY)
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: must be the path of a config file, got {base!r}")
+    if not (path.parent / base).is_file():
+        where = "" if Path(base).is_absolute() else \
+            f" (looked for {os.path.abspath(path.parent / base)}: a base is read from this file's folder)"
+        raise ConfigError(f"{path}: base: {base} not found{where}")
     return _merged(read_config_file(path.parent / base, including), data)
 
 

@@ -96,7 +96,8 @@ def test_official_names_are_aliases():
     "kwargs, message",
     [({"kind": "nope"}, "unknown trigger kind"), ({"kind": "image_patch"}, "needs `image`"),
      ({"kind": "image_blend", "image": "/no/such.png"}, "not found"),
-     ({"kind": "badnet", "location": "middle"}, "location")],
+     ({"kind": "badnet", "location": "middle"}, "location"), ({"kind": "badnet", "patch_size": 0}, "patch_size=0"),
+     ({"kind": "blended", "alpha": 1.5}, "alpha=1.5"), ({"kind": "wanet", "warp_grid": 1}, "warp_grid=1")],
 )
 def test_bad_triggers_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

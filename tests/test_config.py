@@ -38,10 +38,18 @@ def test_a_config_that_includes_itself_fails_with_the_chain(tmp_path):
         load_config(CleanConfig, tmp_path / "a.yaml")
 
 
-def test_a_missing_base_names_the_file(tmp_path):
-    (tmp_path / "run.yaml").write_text("base: nowhere.yaml\n")
-    with pytest.raises(ConfigError, match="nowhere.yaml: config file not found"):
-        load_config(CleanConfig, tmp_path / "run.yaml")
+def test_a_missing_base_names_the_file_the_base_as_written_and_where_it_looked(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "run.yaml").write_text("base: ../recipes/nowhere.yaml\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as error:
+        load_config(CleanConfig, "configs/run.yaml")
+    assert str(error.value) == (f"configs/run.yaml: base: ../recipes/nowhere.yaml not found (looked for "
+                                f"{tmp_path}/recipes/nowhere.yaml: a base is read from this file's folder)")
+    with pytest.raises(ConfigError) as error:
+        load_config(CleanConfig, "configs/missing.yaml")
+    assert str(error.value) == (f"configs/missing.yaml: config file not found (looked for {tmp_path}/configs/"
+                                "missing.yaml: relative paths start at the working directory)")
 
 
 def test_mappings_and_configs_resolve_like_files_and_overrides_leave_the_caller_alone():
