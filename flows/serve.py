@@ -43,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
     """Register the deployment `data-free-clean/<name>` with its cron schedule and run its flow runs until ^C."""
     prepare_logging()
     deployment = build_deployment(args.config, set_overrides(args), args.name)
+    from flows.config import PipelineConfig
+    from flows.preflight import preflight
+
+    preflight(load_config(PipelineConfig, args.config, set_overrides(args)))  # what each run will need, checked now
     if not os.environ.get("PREFECT_API_URL"):
         logger.warning("PREFECT_API_URL is not set: serving against a temporary server that stops with this "
                        "process. Start `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api "
@@ -101,18 +105,36 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                                 "(repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="write into out even if it holds another kind of "
                         "output")
+    parser.add_argument("--dry-run", action="store_true", help="check the config, models, data, eval set, triggers "
+                        "and outputs, print a summary and exit (0: ready, 2: one line naming the problem)")
 
 
 def run_once(args: argparse.Namespace) -> int:
-    """Run data_free_clean once; print the before/after table and the report's path."""
+    """Run data_free_clean once (or only its preflight); print the before/after table and the report's path."""
+    if args.dry_run:
+        return dry_run(args.config, set_overrides(args), args.overwrite)
     return run_pipeline(args.config, set_overrides(args), f"parclean run --config {args.config}", args.overwrite)
+
+
+def dry_run(config: str, overrides: dict, overwrite: bool) -> int:
+    """The pipeline's preflight alone: the summary on stdout, nothing written."""
+    from flows.config import PipelineConfig
+    from flows.preflight import preflight
+
+    lines = preflight(load_config(PipelineConfig, config, overrides), overwrite=overwrite)
+    print(f"{config}: ready to run")
+    print("\n".join(f"  {line}" for line in lines))
+    return 0
 
 
 def run_pipeline(config: str, overrides: dict, command: str, overwrite: bool) -> int:
     """Run data_free_clean once under an output lock held for `command`; print the before/after table."""
     from flows.config import PipelineConfig
+    from flows.preflight import preflight
 
     cfg = load_config(PipelineConfig, config, overrides)  # a bad config fails here, before Prefect starts
+    for line in preflight(cfg, overwrite=overwrite):  # and a missing model or eval set, before any shard
+        logger.info("preflight: %s", line)
     prepare_logging()
     from cleaning.report import before_after_table
     from flows.pipeline import data_free_clean_flow, pipeline_outputs_locked

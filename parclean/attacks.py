@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from parclean.paths import looked_for
+
 # Official PerturbAndRecover names (backdoor/utils.py) -> ours.
 ALIASES = {"random": "badnet", "badnet_rs": "badnet_stripes", "blended_rs": "blended_stripes",
            "tri_patt": "triangles", "water_patt": "text", "warped": "wanet"}
@@ -48,9 +50,16 @@ class Trigger:
         if self.kind.startswith("image_") and not self.image:
             raise ValueError(f"trigger {self.kind} needs `image`, the path of the trigger image")
         if self.image and not Path(self.image).is_file():
-            raise ValueError(f"{self.image}: trigger image not found")
+            raise ValueError(f"{self.image}: trigger image not found{looked_for(self.image)}")
         if self.location not in ("random", *CORNERS):
             raise ValueError(f"trigger location {self.location!r}: use random or one of {', '.join(CORNERS)}")
+        if self.patch_size is not None and self.patch_size < 1:
+            raise ValueError(f"trigger patch_size={self.patch_size}: must be >= 1 pixel, or null for the default")
+        if self.alpha is not None and not 0 < self.alpha <= 1:
+            raise ValueError(f"trigger alpha={self.alpha}: must be in (0, 1], or null for the kind's default")
+        if self.warp_grid < 2 or self.warp_strength < 0:
+            raise ValueError(f"trigger warp_grid={self.warp_grid}, warp_strength={self.warp_strength}: the grid "
+                             "must be >= 2 and the strength >= 0")
 
 
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")

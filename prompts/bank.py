@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from parclean.paths import looked_for
+
 logger = logging.getLogger(__name__)
 
 PACKAGED_DIR = Path(__file__).parent / "banks"
@@ -104,8 +106,9 @@ def _resolve(path_or_name: str | Path) -> Path:
         for candidate in candidates:
             if candidate.is_file():
                 return candidate
+    where = looked_for(path) if len(path.parts) > 1 or path.suffix else ""
     raise BankError(
-        f"{path}: prompt bank not found; give a .yaml/.txt path or a packaged bank name "
+        f"{path}: prompt bank not found{where}; give a .yaml/.txt path or a packaged bank name "
         f"({', '.join(packaged_bank_names())})"
     )
 

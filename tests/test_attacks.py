@@ -96,7 +96,8 @@ def test_official_names_are_aliases():
     "kwargs, message",
     [({"kind": "nope"}, "unknown trigger kind"), ({"kind": "image_patch"}, "needs `image`"),
      ({"kind": "image_blend", "image": "/no/such.png"}, "not found"),
-     ({"kind": "badnet", "location": "middle"}, "location")],
+     ({"kind": "badnet", "location": "middle"}, "location"), ({"kind": "badnet", "patch_size": 0}, "patch_size=0"),
+     ({"kind": "blended", "alpha": 1.5}, "alpha=1.5"), ({"kind": "wanet", "warp_grid": 1}, "warp_grid=1")],
 )
 def test_bad_triggers_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -134,3 +135,11 @@ def test_fixed_pattern_is_the_same_for_every_image_but_moves():
     values = [p[:, (p != 0.5).any(dim=0)].reshape(3, 8, 8) for p in patches]
     assert all(torch.equal(values[0], v) for v in values[1:])  # the same pattern...
     assert len(set(corners)) == 4  # ...at another place in each image
+
+
+def test_a_missing_trigger_image_names_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as error:
+        Trigger(kind="image_patch", image="triggers/logo.png")
+    assert str(error.value) == (f"triggers/logo.png: trigger image not found (looked for {tmp_path}/triggers/logo.png: "
+                                "relative paths start at the working directory)")

@@ -179,3 +179,11 @@ def test_missing_bank_lists_packaged_banks(tmp_path):
 def test_unknown_bank_suffix(write_file):
     with pytest.raises(BankError, match=r"bank.json: unknown bank type"):
         load_bank(write_file("bank.json", "{}"))
+
+
+def test_a_missing_bank_path_names_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BankError) as error:
+        load_bank("banks/missing.yaml")
+    assert str(error.value).startswith(f"banks/missing.yaml: prompt bank not found (looked for {tmp_path}/banks/"
+                                       "missing.yaml: relative paths start at the working directory); give")
