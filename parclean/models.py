@@ -90,14 +90,35 @@ def load_model(architecture: str | None = None, *, weights: str | Path | None = 
     if architecture is None or pretrained is None:
         raise ValueError("load_model needs weights=PATH, or architecture and pretrained tag")
     register_configs()
+    built = pretrained_architecture(architecture, pretrained)
     try:
         with _offline_unless_hub_reachable():
-            model = open_clip.create_model(architecture, pretrained=pretrained)
+            model = open_clip.create_model(architecture, pretrained=pretrained,
+                                           force_quick_gelu=built != architecture)
     except Exception as err:  # noqa: BLE001 - hub failures come in many types; the user needs one line
         reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot load {architecture} pretrained={pretrained!r}: {reason}. Offline? Pass a local "
                          "checkpoint with --model PATH instead") from None
-    return _wrap(model, architecture)
+    return _wrap(model, built)
+
+
+def pretrained_architecture(architecture: str, pretrained: str) -> str:
+    """The architecture a pretrained tag's weights were trained as: `X-quickgelu` for a tag open_clip marks
+    QuickGELU (the `openai` weights, among others) when `X` itself builds GELU, else `architecture`.
+
+    open_clip 3.x builds `ViT-B-32` and `RN50` with GELU and only warns when a QuickGELU tag is loaded into them;
+    the `-quickgelu` name also makes the saved (cleaned) checkpoint rebuild the right activation.
+    """
+    from open_clip.pretrained import get_pretrained_cfg
+
+    if not get_pretrained_cfg(architecture, pretrained).get("quick_gelu"):
+        return architecture
+    if architecture_config(architecture).get("quick_gelu"):
+        return architecture
+    name = f"{architecture}-quickgelu"
+    if open_clip.get_model_config(name) is None:  # open_clip ships one for every QuickGELU tag it lists (3.3)
+        open_clip.factory._MODEL_CONFIGS[name] = {**architecture_config(architecture), "quick_gelu": True}
+    return name
 
 
 @contextmanager
