@@ -170,3 +170,27 @@ def test_openai_weights_load_into_quickgelu_and_keep_it_when_saved(tmp_path, mon
     assert torch.equal(loaded.model.visual.proj, weights["visual.proj"].half().float())
     again = load_model(weights=save_model(loaded, tmp_path / "cleaned.safetensors", dtype=torch.float16))
     assert again.architecture == "ViT-B-32-quickgelu" and activations(again.model) == {"QuickGELU"}
+
+
+@pytest.mark.parametrize("form", ["folder", "weights-file"])
+def test_a_hugging_face_clipmodel_is_refused_with_what_to_use_instead(tmp_path, capsys, form):
+    """transformers' CLIPModel layout (config.json, vision_model./text_model. keys) is named as such, in one line."""
+    from safetensors.torch import save_file
+
+    from flows.cli import main
+
+    folder = tmp_path / "clip-vit-base-patch32"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["CLIPModel"], "model_type": "clip"}))
+    state = {"vision_model.embeddings.patch_embedding.weight": torch.zeros(8, 3, 4, 4),
+             "text_model.embeddings.token_embedding.weight": torch.zeros(16, 8), "logit_scale": torch.tensor(2.66)}
+    if form == "folder":  # an older hub snapshot: config.json and pytorch_model.bin, no model.safetensors
+        torch.save(state, folder / "pytorch_model.bin")
+        model = folder
+    else:
+        save_file(state, str(folder / "model.safetensors"))
+        model = folder / "model.safetensors"
+    assert main(["evaluate", "--model", str(model), "--architecture", "ViT-B-32", "--set", "count=8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(model) in err
+    assert "Hugging Face transformers CLIPModel" in err and "not supported" in err and "--pretrained" in err
