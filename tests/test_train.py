@@ -420,3 +420,16 @@ def test_the_cleaned_model_records_its_source_and_shard_set_by_sha256(shards: st
     start = json.loads((tmp_path / "out" / "start.json").read_text())
     assert {key: start.get(key) for key in expected} == expected
     assert load_config(CleanConfig, tmp_path / "out" / "config.yaml").data.shards == expected["shards"]
+
+
+def test_a_resume_reads_the_same_shard_set_however_its_path_is_written(shards: str, toy_shards, tiny_clip_path: Path,
+                                                                       tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    clean(replace(CFG, steps=2), tiny_clip_path, shards, out, stop_after=1, progress=False)
+    other = str(toy_shards(40, seed=1, shard_size=20))
+    with pytest.raises(ValueError, match="another recipe.*data.shards"):
+        clean(replace(CFG, steps=2), tiny_clip_path, other, out, progress=False)
+    monkeypatch.chdir(Path(shards).parent)
+    result = clean(replace(CFG, steps=2), tiny_clip_path, Path(shards).name, out, progress=False)
+    assert result["resumed_from"] == 1 and result["finished"]
