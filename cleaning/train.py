@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +45,15 @@ from cleaning.losses import (
     gather_features,
 )
 from cleaning.objectives import OBJECTIVES
+from cleaning.provenance import provenance
 from parclean import console
 from parclean.command import run_command, set_overrides
 from parclean.config import load_config, to_dict, write_resolved
-from parclean.models import LoadedModel, load_model, normalize, save_model
+from parclean.models import LoadedModel, load_source, normalize, save_model
 from parclean.outputs import claim_folder, follow_umask, output_lock
 from parclean.run_log import append_record, truncate_after
 from parclean.schedules import cosine, warmup_cosine
+from parclean.shards import absolute_location
 
 logger = logging.getLogger(__name__)
 
@@ -183,9 +185,10 @@ def clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path 
 
 def _clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path | None, out: Path,
            pretrained: str | None, architecture: str | None, stop_after: int | None, progress: bool) -> dict[str, Any]:
-    shards = str(shards or cfg.data.shards or "")
-    if not shards:
+    if not (shards or cfg.data.shards):
         raise ValueError("no shard set: pass --shards DIR (or set data.shards in the config)")
+    cfg = with_shards(cfg, shards or cfg.data.shards)
+    shards = cfg.data.shards
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     local_batch = _local_batch_size(cfg, world)
@@ -204,6 +207,7 @@ def _clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path
     loaded.model.logit_scale.requires_grad_(False)  # official train.py uses logit_scale.exp().item(): a constant
     _freeze(loaded.model, cfg.frozen)
     starting_weights = weights_digest(loaded.model)
+    source = provenance(model, loaded.architecture, pretrained, shards) if accelerator.is_main_process else {}
     optimizer = torch.optim.AdamW(parameter_groups(loaded.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   eps=cfg.eps)
     scheduler = LambdaLR(optimizer, lambda step: learning_rate(cfg, step) / cfg.lr)
@@ -212,7 +216,7 @@ def _clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path
     net, optimizer = accelerator.prepare(loaded.model, optimizer)
     logit_scale = float(accelerator.unwrap_model(net).logit_scale.exp())
 
-    start = _start_or_resume(accelerator, out, cfg, starting_weights, scheduler)
+    start = _start_or_resume(accelerator, out, cfg, {"weights_sha256": starting_weights, **source}, scheduler)
     end = max(start, min(cfg.steps, stop_after if stop_after is not None else cfg.steps))
     failing = _check_shards(accelerator, shards, cfg.data) if start < end and cfg.data.verify else 0
     main = accelerator.is_main_process
@@ -270,9 +274,7 @@ def _clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path
     if main and end == cfg.steps:
         trained = LoadedModel(accelerator.unwrap_model(net), loaded.architecture, loaded.tokenizer,
                               loaded.image_size, loaded.mean, loaded.std)
-        metadata = {"cleaning": json.dumps({"objective": cfg.objective, "tau": cfg.tau, "steps": cfg.steps,
-                                            "source": str(model if not isinstance(model, LoadedModel) else "memory"),
-                                            "pretrained": pretrained, "shards": shards})}
+        metadata = {"cleaning": json.dumps({"objective": cfg.objective, "tau": cfg.tau, "steps": cfg.steps, **source})}
         result["model"] = str(save_model(trained, out / "model.safetensors", extra_metadata=metadata))
         (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     accelerator.wait_for_everyone()
@@ -283,9 +285,12 @@ def _clean(cfg: CleanConfig, model: str | Path | LoadedModel, shards: str | Path
 
 
 def _load(model: str | Path, pretrained: str | None, architecture: str | None) -> LoadedModel:
-    if pretrained is not None:
-        return load_model(str(model), pretrained=pretrained)
-    return load_model(architecture, weights=model)
+    return load_source(model, architecture=architecture, pretrained=pretrained)
+
+
+def with_shards(cfg: CleanConfig, shards: str | Path) -> CleanConfig:
+    """`cfg` as config.yaml records it: data.shards is the shard set the run reads (a local folder absolute)."""
+    return replace(cfg, data=replace(cfg.data, shards=absolute_location(shards)))
 
 
 def _freeze(model: torch.nn.Module, prefixes: tuple[str, ...]) -> None:
@@ -447,11 +452,13 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _start_or_resume(accelerator: Accelerator, out: Path, cfg: CleanConfig, starting_weights: str,
+def _start_or_resume(accelerator: Accelerator, out: Path, cfg: CleanConfig, start: dict[str, Any],
                      scheduler: LambdaLR) -> int:
-    """Write the resolved config; load the latest checkpoint of `out` if any; return the steps already done.
+    """Write the resolved config and start.json (`start`: the starting weights' digest and, on the main process,
+    the provenance); load the latest checkpoint of `out` if any; return the steps already done.
 
     Checkpoints are resumed only by the recipe and the starting weights that made them."""
+    starting_weights = start["weights_sha256"]
     config_path, start_path = out / "config.yaml", out / START_NAME
     found = complete_checkpoints(out)
     check_resumable(out, cfg)
@@ -464,7 +471,7 @@ def _start_or_resume(accelerator: Accelerator, out: Path, cfg: CleanConfig, star
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_resolved(cfg, config_path)
-        start_path.write_text(json.dumps({"weights_sha256": starting_weights}) + "\n")
+        start_path.write_text(json.dumps(start, indent=2) + "\n")
     if not found:
         if accelerator.is_main_process:
             (out / LOG_NAME).unlink(missing_ok=True)
@@ -526,6 +533,11 @@ def _check_same_recipe(path: Path, cfg: CleanConfig) -> None:
 
     before = _flatten(yaml.safe_load(path.read_text()) or {})
     now = _flatten(to_dict(cfg))
+    # A caller that does not know the shard set yet (the pipeline, before generating), or a config.yaml written before
+    # it recorded the set read: the set is compared when the run itself starts.
+    if before.get("data.shards") is None or now.get("data.shards") is None:
+        before.pop("data.shards", None)
+        now.pop("data.shards", None)
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)

@@ -39,23 +39,25 @@ EMBED_LIMIT_BYTES = 300_000
 
 
 @task(name="evaluate", task_run_name="evaluate-{label}", cache_policy=NO_CACHE)
-def evaluate_task(model: str, eval_cfg: EvalConfig, label: str) -> dict[str, Any]:
-    """Clean accuracy and ASR per trigger of the checkpoint at `model` (percent), and the seconds it took."""
-    from parclean.models import load_model
+def evaluate_task(model: str, eval_cfg: EvalConfig, label: str, architecture: str | None = None,
+                  pretrained: str | None = None) -> dict[str, Any]:
+    """Clean accuracy and ASR per trigger of `model` (percent), and the seconds it took."""
+    from parclean.models import load_source
 
     start = time.perf_counter()
-    result = measure(load_model(weights=model), eval_cfg)
+    result = measure(load_source(model, architecture=architecture, pretrained=pretrained), eval_cfg)
     result["seconds"] = round(time.perf_counter() - start, 3)
     logger.info("%s: clean accuracy %.1f%%, %s", label, result["clean_acc"], asr_text(result["asr"]))
     return result
 
 
 @task(name="scan", task_run_name="scan-{label}", cache_policy=NO_CACHE)
-def scan_task(model: str, eval_cfg: EvalConfig, scan_cfg: ScanConfig, label: str) -> dict[str, Any]:
-    """The trigger-agnostic backdoor scan of the checkpoint at `model` on the eval config's clean images."""
-    from parclean.models import load_model
+def scan_task(model: str, eval_cfg: EvalConfig, scan_cfg: ScanConfig, label: str, architecture: str | None = None,
+              pretrained: str | None = None) -> dict[str, Any]:
+    """The trigger-agnostic backdoor scan of `model` on the eval config's clean images."""
+    from parclean.models import load_source
 
-    loaded = load_model(weights=model)
+    loaded = load_source(model, architecture=architecture, pretrained=pretrained)
     start = time.perf_counter()
     result = scan(loaded, load_images(eval_cfg, loaded.image_size), scan_cfg, eval_cfg.templates)
     result["seconds"] = round(time.perf_counter() - start, 3)
@@ -66,14 +68,18 @@ def scan_task(model: str, eval_cfg: EvalConfig, scan_cfg: ScanConfig, label: str
 @task(name="clean", task_run_name="clean", cache_policy=NO_CACHE)
 def clean_task(model: str, shards: str, cfg: CleanConfig, out_dir: str, launcher: str = "in-process",
                num_processes: int = 1, accelerate_args: list[str] | None = None,
-               artifact_prefix: str = "clean") -> dict[str, Any]:
+               artifact_prefix: str = "clean", architecture: str | None = None,
+               pretrained: str | None = None) -> dict[str, Any]:
     """Run the cleaning stage, its progress in an artifact and the log; a rerun of out_dir resumes."""
     watcher = TrainingWatcher(Path(out_dir) / LOG_NAME, cfg.steps, cfg.batch_size,
                               key=artifact_key(artifact_prefix, "cleaning-progress"))
+    model_args = [*(["--architecture", architecture] if architecture else []),
+                  *(["--pretrained", pretrained] if pretrained else [])]
     with watcher:
         if launcher == "in-process":
-            return clean(cfg, model, shards, out_dir, progress=False)
-        return launch_accelerate(cfg, model, shards, out_dir, num_processes, accelerate_args or [])
+            return clean(cfg, model, shards, out_dir, architecture=architecture, pretrained=pretrained,
+                         progress=False)
+        return launch_accelerate(cfg, model, shards, out_dir, num_processes, accelerate_args or [], model_args)
 
 
 def asr_text(asr: dict[str, float]) -> str:
@@ -84,15 +90,17 @@ def asr_text(asr: dict[str, float]) -> str:
 
 
 def launch_accelerate(cfg: CleanConfig, model: str, shards: str, out_dir: str, num_processes: int,
-                      accelerate_args: list[str]) -> dict[str, Any]:
-    """`accelerate launch --num_processes N -m cleaning.train ...` as a child process; its result.json."""
+                      accelerate_args: list[str], model_args: list[str] | None = None) -> dict[str, Any]:
+    """`accelerate launch --num_processes N -m cleaning.train ...` as a child process; its result.json.
+
+    model_args: `--architecture`/`--pretrained` for `model`, as `parclean clean` takes them."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / LAUNCH_CONFIG_NAME
     config_path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
                *accelerate_args, "-m", "cleaning.train", "--config", str(config_path), "--model", model,
-               "--shards", shards, "--out", str(out), "--no-progress"]
+               *(model_args or []), "--shards", shards, "--out", str(out), "--no-progress"]
     logger.info("launching: %s", " ".join(command))
     completed = subprocess.run(command, env=dict(os.environ), check=False)
     if completed.returncode != 0:
@@ -145,6 +153,8 @@ def clean_model_flow(
     artifact_prefix: str | None = None,
     publish: bool = True,
     scan_config: str | Path | ScanConfig | dict[str, Any] | None = None,
+    architecture: str | None = None,
+    pretrained: str | None = None,
 ) -> str:
     """Evaluate `model`, clean it on `shards`, evaluate the result, publish the report; returns report.md's path.
 
@@ -152,6 +162,7 @@ def clean_model_flow(
     extra_settings, extra_timings: more lines for the report (the pipeline adds the generator's).
     artifact_prefix: starts every artifact key (default: out_dir's name); publish: False leaves the report's
     artifacts to the calling flow (the pipeline publishes them on its own run).
+    architecture, pretrained: for `model`, as `parclean clean --architecture/--pretrained` take them.
     """
     clean_cfg = load_config(CleanConfig, clean_config)
     eval_cfg = load_config(EvalConfig, eval_config)
@@ -161,23 +172,26 @@ def clean_model_flow(
     prefix = artifact_prefix or Path(out).resolve().name
     scan_cfg = None if scan_config is None else load_config(ScanConfig, scan_config)
     timings = dict(extra_timings or {})
-    before = _measure(model, eval_cfg, scan_cfg, "before", timings)
+    source = {"architecture": architecture, "pretrained": pretrained}
+    before = _measure(model, eval_cfg, scan_cfg, "before", timings, **source)
     start = time.perf_counter()
-    result = clean_task(model, shards, clean_cfg, out, launcher, num_processes, accelerate_args, prefix)
+    result = clean_task(model, shards, clean_cfg, out, launcher, num_processes, accelerate_args, prefix, **source)
     timings["clean"] = round(time.perf_counter() - start, 3)
     after = _measure(str(Path(out) / MODEL_NAME), eval_cfg, scan_cfg, "after", timings)
-    settings = report_settings(model, shards, clean_cfg, eval_cfg, result, extra_settings)
+    settings = report_settings(model if pretrained is None else f"{model} (pretrained {pretrained})", shards,
+                               clean_cfg, eval_cfg, result, extra_settings)
     report_md = write_report_task(before, after, settings, timings, out)
     return publish_report_task(out, prefix) if publish else report_md
 
 
-def _measure(model: str, eval_cfg: EvalConfig, scan_cfg: ScanConfig | None, label: str,
-             timings: dict[str, float]) -> dict[str, Any]:
+def _measure(model: str, eval_cfg: EvalConfig, scan_cfg: ScanConfig | None, label: str, timings: dict[str, float],
+             architecture: str | None = None, pretrained: str | None = None) -> dict[str, Any]:
     """Clean accuracy and ASR of `model`, and the scan's verdict when scan_cfg is set; their seconds go to timings."""
-    numbers = evaluate_task(model, eval_cfg, label=label)
+    numbers = evaluate_task(model, eval_cfg, label=label, architecture=architecture, pretrained=pretrained)
     timings[f"evaluate {label}"] = numbers.pop("seconds")
     if scan_cfg is not None:
-        numbers["scan"] = scan_task(model, eval_cfg, scan_cfg, label=label)
+        numbers["scan"] = scan_task(model, eval_cfg, scan_cfg, label=label, architecture=architecture,
+                                    pretrained=pretrained)
         timings[f"scan {label}"] = numbers["scan"].pop("seconds")
     return numbers
 
@@ -201,6 +215,8 @@ def report_settings(model: str, shards: str, clean_cfg: CleanConfig, eval_cfg: E
 def _poison_of(model: str) -> dict[str, Any]:
     """The poisoning recorded in a config.yaml beside the checkpoint (the toy organisms have one), else {}."""
     path = Path(model)
+    if not path.exists():  # an architecture name with a pretrained tag
+        return {}
     config_path = (path if path.is_dir() else path.parent) / "config.yaml"
     try:
         poison = (yaml.safe_load(config_path.read_text()) or {}).get("poison") or {}

@@ -86,8 +86,13 @@ class ScheduleConfig:
 class PipelineConfig:
     """bank -> generate -> clean -> evaluate -> report, in one run."""
 
-    model: str  # the CLIP checkpoint to clean (.safetensors file or a folder holding model.safetensors)
+    # The CLIP to clean: the checkpoint forms `parclean clean --model` takes (docs/cleaning.md): a parclean
+    # .safetensors file or folder, an open_clip epoch_N.pt or bare state dict with `architecture`, or an open_clip
+    # architecture name with `pretrained` (a tag, e.g. ViT-B-32 + openai).
+    model: str
     generate: GenerateConfig
+    architecture: str | None = None  # of a `model` checkpoint that does not name its own, e.g. ViT-B-32
+    pretrained: str | None = None  # an open_clip pretrained tag: then `model` is the architecture name
     clean: CleanConfig = field(default_factory=CleanConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     out: str = "runs/data-free-clean"  # cleaned model, report, artifacts
@@ -105,5 +110,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if not self.model.strip():
             raise ValueError("model: give the CLIP checkpoint to clean")
+        if self.architecture is not None and self.pretrained is not None:
+            raise ValueError(f"architecture={self.architecture!r} and pretrained={self.pretrained!r}: with a "
+                             "pretrained tag, model is the architecture name; architecture is for checkpoint files")
         if self.sample_grid < 0:
             raise ValueError(f"sample_grid={self.sample_grid}: must be >= 0")

@@ -145,7 +145,7 @@ def _data_free_clean(cfg: PipelineConfig, prefix: str) -> str:
                      launcher=cfg.launch.launcher, num_processes=cfg.launch.num_processes,
                      accelerate_args=list(cfg.launch.accelerate_args), extra_settings=extra,
                      extra_timings={"generate": summary["seconds"]}, artifact_prefix=prefix, publish=False,
-                     scan_config=cfg.scan)
+                     scan_config=cfg.scan, architecture=cfg.architecture, pretrained=cfg.pretrained)
     write_resolved(cfg, out / "pipeline.yaml")  # once the run got past every check
     # Published here, so the run the terminal links to shows the result.
     report = publish_report_task(str(out), prefix)

@@ -82,6 +82,17 @@ def create_model(architecture: str, *, seed: int | None = None) -> LoadedModel:
     return _wrap(model, architecture)
 
 
+def load_source(model: str | Path, *, architecture: str | None = None, pretrained: str | None = None) -> LoadedModel:
+    """The model a user names: a local checkpoint (`architecture` for one that does not name its own), or an
+    open_clip architecture name with a `pretrained` tag."""
+    if pretrained is None:
+        return load_model(architecture, weights=model)
+    if architecture is not None:
+        raise ValueError(f"architecture={architecture!r} and pretrained={pretrained!r}: with a pretrained tag the "
+                         "model is the architecture name; give architecture only for a checkpoint file")
+    return load_model(str(model), pretrained=pretrained)
+
+
 def load_model(architecture: str | None = None, *, weights: str | Path | None = None,
                pretrained: str | None = None) -> LoadedModel:
     """Load from a local checkpoint (`weights`) or an open_clip pretrained tag (hub download)."""
@@ -90,14 +101,35 @@ def load_model(architecture: str | None = None, *, weights: str | Path | None = 
     if architecture is None or pretrained is None:
         raise ValueError("load_model needs weights=PATH, or architecture and pretrained tag")
     register_configs()
+    built = pretrained_architecture(architecture, pretrained)
     try:
         with _offline_unless_hub_reachable():
-            model = open_clip.create_model(architecture, pretrained=pretrained)
+            model = open_clip.create_model(architecture, pretrained=pretrained,
+                                           force_quick_gelu=built != architecture)
     except Exception as err:  # noqa: BLE001 - hub failures come in many types; the user needs one line
         reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot load {architecture} pretrained={pretrained!r}: {reason}. Offline? Pass a local "
                          "checkpoint with --model PATH instead") from None
-    return _wrap(model, architecture)
+    return _wrap(model, built)
+
+
+def pretrained_architecture(architecture: str, pretrained: str) -> str:
+    """The architecture a pretrained tag's weights were trained as: `X-quickgelu` for a tag open_clip marks
+    QuickGELU (the `openai` weights, among others) when `X` itself builds GELU, else `architecture`.
+
+    open_clip 3.x builds `ViT-B-32` and `RN50` with GELU and only warns when a QuickGELU tag is loaded into them;
+    the `-quickgelu` name also makes the saved (cleaned) checkpoint rebuild the right activation.
+    """
+    from open_clip.pretrained import get_pretrained_cfg
+
+    if not get_pretrained_cfg(architecture, pretrained).get("quick_gelu"):
+        return architecture
+    if architecture_config(architecture).get("quick_gelu"):
+        return architecture
+    name = f"{architecture}-quickgelu"
+    if open_clip.get_model_config(name) is None:  # open_clip ships one for every QuickGELU tag it lists (3.3)
+        open_clip.factory._MODEL_CONFIGS[name] = {**architecture_config(architecture), "quick_gelu": True}
+    return name
 
 
 @contextmanager
@@ -135,23 +167,51 @@ def _hub_reachable(endpoint: str) -> bool:
     return True
 
 
-def _load_local(path: Path, architecture: str | None) -> LoadedModel:
+def checkpoint_file(path: str | Path) -> Path:
+    """The weights file a local checkpoint names: the file, or a folder's model.safetensors."""
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: model checkpoint not found")
-    if path.is_dir():
-        path = path / "model.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path.parent}: no model.safetensors in this folder")
+    if not path.is_dir():
+        return path
+    if _is_transformers_clip(path):
+        raise ValueError(f"{path}: {TRANSFORMERS_REFUSAL}")
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path}: no model.safetensors in this folder")
+    return path / "model.safetensors"
+
+
+# transformers' CLIPModel names its towers vision_model / text_model; open_clip's are visual / transformer.
+TRANSFORMERS_PREFIXES = ("vision_model.", "text_model.")
+TRANSFORMERS_REFUSAL = ("a Hugging Face transformers CLIPModel checkpoint, which is not supported: use the open_clip "
+                        "form of the same weights (an open_clip architecture with --pretrained TAG, e.g. --model "
+                        "ViT-B-32 --pretrained openai, or the hub repo's open_clip_model.safetensors with "
+                        "--architecture), or convert it to an open_clip state dict")
+
+
+def _is_transformers_clip(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "CLIPModel" in (config.get("architectures") or [])
+
+
+def _load_local(path: Path, architecture: str | None) -> LoadedModel:
+    path = checkpoint_file(path)
     if path.suffix == ".safetensors":
         state, metadata = _read_safetensors(path)
     else:
         state, metadata = _read_pickle_safely(path), {}
+    if any(key.startswith(TRANSFORMERS_PREFIXES) for key in state):
+        raise ValueError(f"{path}: {TRANSFORMERS_REFUSAL}")
     named = metadata.get("architecture")
     if architecture and named and architecture != named:
         raise ValueError(f"{path}: weights do not match architecture {architecture}: the file is a {named}")
     architecture = architecture or named
     if architecture is None:
-        raise ValueError(f"{path}: checkpoint does not name its architecture; pass --architecture")
+        raise ValueError(f"{path}: checkpoint does not name its architecture; pass --architecture (in a pipeline "
+                         "config: architecture:)")
     if "architecture_config" in metadata:
         _register_embedded(architecture, _embedded_config(path, architecture, metadata["architecture_config"]))
     loaded = _create_for(path, architecture)

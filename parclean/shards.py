@@ -387,22 +387,37 @@ def _sha256(file: IO[bytes]) -> str:
 
 def read_manifest(out_dir: str | os.PathLike) -> dict:
     """Load and check `manifest.json` from a folder or fsspec URL."""
-    path = _join(str(out_dir), MANIFEST_NAME)
-    try:
-        with fsspec.open(path, "rb") as file:
-            data = file.read()
-    except FileNotFoundError:
-        raise ShardError(
-            f"{path}: no manifest; not a shard set, or its generation has not finished (rerun it to complete)"
-        ) from None
-    except (OSError, ImportError, ValueError) as err:  # fsspec: unknown protocol or missing s3fs/gcsfs
-        raise ShardError(f"{path}: cannot read the manifest ({type(err).__name__}: {err})") from None
+    path, data = _manifest_bytes(out_dir)
     try:
         manifest = json.loads(data.decode("utf-8"))
     except ValueError as err:
         raise ShardError(f"{path}: not valid JSON ({err})") from None
     _check_manifest(path, manifest)
     return manifest
+
+
+def manifest_sha256(out_dir: str | os.PathLike) -> str:
+    """sha256 of the set's `manifest.json`, which lists every shard's sha256: one hash names the whole set."""
+    return hashlib.sha256(_manifest_bytes(out_dir)[1]).hexdigest()
+
+
+def absolute_location(location: str | os.PathLike) -> str:
+    """A shard set's location as recorded: a local folder made absolute, an fsspec URL as it is."""
+    location = str(location)
+    return location if "://" in location else str(Path(location).expanduser().resolve())
+
+
+def _manifest_bytes(out_dir: str | os.PathLike) -> tuple[str, bytes]:
+    path = _join(str(out_dir), MANIFEST_NAME)
+    try:
+        with fsspec.open(path, "rb") as file:
+            return path, file.read()
+    except FileNotFoundError:
+        raise ShardError(
+            f"{path}: no manifest; not a shard set, or its generation has not finished (rerun it to complete)"
+        ) from None
+    except (OSError, ImportError, ValueError) as err:  # fsspec: unknown protocol or missing s3fs/gcsfs
+        raise ShardError(f"{path}: cannot read the manifest ({type(err).__name__}: {err})") from None
 
 
 def _check_manifest(path: str, manifest: Any) -> None:

@@ -298,11 +298,15 @@ def test_published_report_keeps_the_damaged_data_section(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_clean_flow_launches_accelerate_over_two_processes(finished_set: dict, tiny_clip_path: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file, save_file
+
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # two CPU processes over gloo, as on a machine without GPUs
     out = tmp_path / "cleaned"
+    bare = tmp_path / "bare.safetensors"  # no metadata: the launched processes need the architecture named
+    save_file(load_file(tiny_clip_path), str(bare))
     launch = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    state = clean_model_flow(str(tiny_clip_path), str(finished_set["out"]), CLEAN, EVAL, str(out),
-                             launcher="accelerate", num_processes=2, accelerate_args=launch, return_state=True)
+    state = clean_model_flow(str(bare), str(finished_set["out"]), CLEAN, EVAL, str(out), launcher="accelerate",
+                             num_processes=2, accelerate_args=launch, architecture="tiny-test", return_state=True)
     assert state.is_completed(), state.message
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["processes"] == 2 and (out / "model.safetensors").is_file()
@@ -440,3 +444,36 @@ def test_run_names_a_bad_config_before_any_prefect_server_starts(tmp_path: Path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"parclean run: error: {config}: lr=3e-05, lr_end=1e-09, tau=-1.0: "
                                                 "lr and tau must be positive, lr_end non-negative"]
+
+
+def test_pipeline_cleans_an_open_clip_training_checkpoint_named_by_architecture(tiny_sd_dir: Path, tmp_path: Path,
+                                                                               ) -> None:
+    """`architecture:` makes run/serve take what `clean --architecture` takes: here open_clip's epoch_N.pt."""
+    from safetensors import safe_open
+
+    from parclean.models import create_model, load_model
+
+    weights = create_model("tiny-test", seed=0).model.state_dict()
+    checkpoint = tmp_path / "epoch_1.pt"  # open_clip_train's layout: DDP's "module." prefix, optimizer state
+    torch.save({"epoch": 1, "name": "poisoned", "state_dict": {"module." + k: v for k, v in weights.items()}},
+               checkpoint)
+    settings = {**pipeline_settings(tmp_path, tiny_sd_dir, checkpoint), "architecture": "tiny-test",
+                "scan": None, "sample_grid": 0}
+    state = data_free_clean_flow(settings, return_state=True)
+    assert state.is_completed(), state.message
+    out = tmp_path / "run"
+    assert load_model(weights=out / "model.safetensors").architecture == "tiny-test"
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        recorded = json.loads(handle.metadata()["cleaning"])
+    shards = shard_set_folder(load_config(PipelineConfig, settings).generate, settings["shard_cache"])
+    assert recorded["source"] == str(checkpoint.resolve()) and recorded["architecture"] == "tiny-test"
+    assert recorded["source_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert recorded["manifest_sha256"] == hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()
+    assert load_config(PipelineConfig, out / "pipeline.yaml").architecture == "tiny-test"
+
+
+def test_a_pipeline_with_pretrained_takes_the_architecture_as_model_and_nothing_more() -> None:
+    base = {"model": "ViT-B-32", "generate": {"model": "sd"}}
+    assert load_config(PipelineConfig, {**base, "pretrained": "openai"}).pretrained == "openai"
+    with pytest.raises(ConfigError, match="architecture.*pretrained"):
+        load_config(PipelineConfig, {**base, "pretrained": "openai", "architecture": "ViT-B-32"})

@@ -126,3 +126,71 @@ def test_evaluate_with_the_hub_unreachable_says_so_in_one_line(tmp_path):
     errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("parclean evaluate: error: cannot load ViT-B-32"), done.stderr
     assert ".. " not in errors[0]
+
+
+def activations(model: torch.nn.Module) -> set[str]:
+    """The kinds of GELU in a model's transformer MLPs."""
+    from open_clip.transformer import QuickGELU
+
+    return {type(module).__name__ for module in model.modules() if isinstance(module, (torch.nn.GELU, QuickGELU))}
+
+
+@pytest.mark.parametrize(("architecture", "tag", "built", "activation"), [
+    ("ViT-B-32", "openai", "ViT-B-32-quickgelu", "QuickGELU"),
+    ("RN50", "openai", "RN50-quickgelu", "QuickGELU"),  # the text tower's MLPs (the image tower is a ResNet)
+    ("ViT-B-32-quickgelu", "openai", "ViT-B-32-quickgelu", "QuickGELU"),
+    ("ViT-B-32", "laion2b_s34b_b79k", "ViT-B-32", "GELU"),
+])
+def test_a_pretrained_tag_builds_the_activation_its_weights_were_trained_with(architecture, tag, built, activation):
+    from parclean.models import pretrained_architecture
+
+    assert pretrained_architecture(architecture, tag) == built
+    assert activations(create_model(built).model) == {activation}
+
+
+def test_openai_weights_load_into_quickgelu_and_keep_it_when_saved(tmp_path, monkeypatch):
+    """ViT-B-32 + openai end to end through load_model, from an offline hub cache holding random weights."""
+    from huggingface_hub import constants
+    from open_clip.pretrained import get_pretrained_cfg
+    from safetensors.torch import save_file
+
+    repo = get_pretrained_cfg("ViT-B-32", "openai")["hf_hub"].strip("/")  # timm/vit_base_patch32_clip_224.openai
+    cache = tmp_path / "hub"
+    snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    weights = create_model("ViT-B-32", seed=0).model.state_dict()
+    save_file({k: v.half().contiguous() for k, v in weights.items()}, str(snapshot / "open_clip_model.safetensors"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    loaded = load_model("ViT-B-32", pretrained="openai")
+    assert loaded.architecture == "ViT-B-32-quickgelu" and activations(loaded.model) == {"QuickGELU"}
+    assert torch.equal(loaded.model.visual.proj, weights["visual.proj"].half().float())
+    again = load_model(weights=save_model(loaded, tmp_path / "cleaned.safetensors", dtype=torch.float16))
+    assert again.architecture == "ViT-B-32-quickgelu" and activations(again.model) == {"QuickGELU"}
+
+
+@pytest.mark.parametrize("form", ["folder", "weights-file"])
+def test_a_hugging_face_clipmodel_is_refused_with_what_to_use_instead(tmp_path, capsys, form):
+    """transformers' CLIPModel layout (config.json, vision_model./text_model. keys) is named as such, in one line."""
+    from safetensors.torch import save_file
+
+    from flows.cli import main
+
+    folder = tmp_path / "clip-vit-base-patch32"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["CLIPModel"], "model_type": "clip"}))
+    state = {"vision_model.embeddings.patch_embedding.weight": torch.zeros(8, 3, 4, 4),
+             "text_model.embeddings.token_embedding.weight": torch.zeros(16, 8), "logit_scale": torch.tensor(2.66)}
+    if form == "folder":  # an older hub snapshot: config.json and pytorch_model.bin, no model.safetensors
+        torch.save(state, folder / "pytorch_model.bin")
+        model = folder
+    else:
+        save_file(state, str(folder / "model.safetensors"))
+        model = folder / "model.safetensors"
+    assert main(["evaluate", "--model", str(model), "--architecture", "ViT-B-32", "--set", "count=8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(model) in err
+    assert "Hugging Face transformers CLIPModel" in err and "not supported" in err and "--pretrained" in err

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from cleaning.augment import cleanclip_image_view, cleanclip_text_view, par_augment
-from cleaning.train import CleanConfig, NonFiniteLoss, clean, learning_rate
+from cleaning.train import CleanConfig, NonFiniteLoss, clean, learning_rate, with_shards
 from parclean.config import load_config, write_resolved
 from parclean.models import create_model, load_model, save_model
 
@@ -40,7 +40,8 @@ def baseline(shards: str, tiny_clip_path: Path, tmp_path_factory: pytest.TempPat
                                                                               torch.is_grad_enabled())))
     out = tmp_path_factory.mktemp("baseline")
     result = clean(CFG, loaded, shards, out, progress=False)
-    return {"out": out, "result": result, "calls": calls, "weights": load_file(out / "model.safetensors")}
+    return {"out": out, "result": result, "calls": calls, "weights": load_file(out / "model.safetensors"),
+            "shards": shards}
 
 
 def comparable(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -85,7 +86,7 @@ def test_par_changes_the_weights_and_logs_finite_terms(baseline: dict, tiny_clip
     result = baseline["result"]
     assert result["steps"] == 4 and result["finished"] and result["samples_per_s"] > 0
     assert result["final"] == {k: v for k, v in records[-1].items() if k not in ("step", "lr", "seconds")}
-    assert load_config(CleanConfig, baseline["out"] / "config.yaml") == CFG
+    assert load_config(CleanConfig, baseline["out"] / "config.yaml") == with_shards(CFG, baseline["shards"])
     assert sorted(p.name for p in (baseline["out"] / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
 
@@ -139,7 +140,7 @@ def test_two_processes_give_the_weights_of_one(baseline: dict, shards: str, tiny
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["processes"] == 2 and result["finished"]
-    assert load_config(CleanConfig, out / "config.yaml") == replace(CFG, grad_accum=2)
+    assert load_config(CleanConfig, out / "config.yaml") == with_shards(replace(CFG, grad_accum=2), shards)
     assert_same_weights(comparable(load_file(out / "model.safetensors")), comparable(baseline["weights"]),
                         atol=1e-5)
 
@@ -393,3 +394,42 @@ def test_a_checkpoint_from_before_scheduler_json_still_resumes(baseline: dict, s
     torch.save(state, checkpoint / "custom_checkpoint_0.pkl")  # where Accelerate kept it (register_for_checkpointing)
     assert clean(CFG, tiny_clip_path, shards, out, progress=False)["resumed_from"] == 2
     assert_same_weights(load_file(out / "model.safetensors"), baseline["weights"], atol=1e-6)
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_cleaned_model_records_its_source_and_shard_set_by_sha256(shards: str, tiny_clip_path: Path,
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative paths as a user types them; absolute paths and sha256s in the metadata, start.json, config.yaml."""
+    from safetensors import safe_open
+
+    monkeypatch.chdir(tmp_path)
+    model, data = os.path.relpath(tiny_clip_path.parent), os.path.relpath(shards)  # a folder, as users pass it
+    clean(replace(CFG, steps=1), model, data, "out", progress=False)
+    expected = {"source": str(tiny_clip_path.parent.resolve()), "source_sha256": sha256_of(tiny_clip_path),
+                "architecture": "tiny-test", "pretrained": None, "shards": str(Path(shards).resolve()),
+                "manifest_sha256": sha256_of(Path(shards) / "manifest.json")}
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as handle:
+        recorded = json.loads(handle.metadata()["cleaning"])
+    assert {key: recorded.get(key) for key in expected} == expected
+    start = json.loads((tmp_path / "out" / "start.json").read_text())
+    assert {key: start.get(key) for key in expected} == expected
+    assert load_config(CleanConfig, tmp_path / "out" / "config.yaml").data.shards == expected["shards"]
+
+
+def test_a_resume_reads_the_same_shard_set_however_its_path_is_written(shards: str, toy_shards, tiny_clip_path: Path,
+                                                                       tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    clean(replace(CFG, steps=2), tiny_clip_path, shards, out, stop_after=1, progress=False)
+    other = str(toy_shards(40, seed=1, shard_size=20))
+    with pytest.raises(ValueError, match="another recipe.*data.shards"):
+        clean(replace(CFG, steps=2), tiny_clip_path, other, out, progress=False)
+    monkeypatch.chdir(Path(shards).parent)
+    result = clean(replace(CFG, steps=2), tiny_clip_path, Path(shards).name, out, progress=False)
+    assert result["resumed_from"] == 1 and result["finished"]
