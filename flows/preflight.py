@@ -43,7 +43,7 @@ def preflight(cfg: PipelineConfig, *, overwrite: bool = False) -> list[str]:
 
 def check_inputs(cfg: PipelineConfig) -> list[str]:
     """The CLIP checkpoint, the generator, the prompt bank, the eval set and the triggers."""
-    clip, image_size = check_clip(cfg.model)
+    clip, image_size = check_clip(cfg.model, cfg.architecture, cfg.pretrained)
     return [f"CLIP model: {clip}",
             f"generator: {check_generator(cfg.generate, cfg.tiny_sd)}",
             f"prompt bank: {check_bank(cfg.generate)}",
@@ -52,29 +52,41 @@ def check_inputs(cfg: PipelineConfig) -> list[str]:
 
 
 def check_clip(model: str, architecture: str | None = None, pretrained: str | None = None) -> tuple[str, int]:
-    """(summary, image size) of a CLIP checkpoint: an open_clip pretrained tag, or a local file whose header
-    names an architecture open_clip can build. Reads the safetensors header only."""
+    """(summary, image size) of a CLIP checkpoint in any form `clean` reads: an open_clip pretrained tag, a
+    safetensors file or folder (only its header is read), or a pickled state dict with `architecture`."""
+    from parclean.models import TRANSFORMERS_PREFIXES, TRANSFORMERS_REFUSAL, checkpoint_file
+
     if pretrained is not None:
-        return _check_pretrained(architecture or model, pretrained)
-    path = Path(model).expanduser()
-    if not path.exists():
+        return _check_pretrained(model, pretrained)
+    if not Path(model).expanduser().exists():
         raise PreflightError(f"model: CLIP checkpoint {model} not found{looked_for(model)}")
-    if path.is_dir():
-        if not (path / MODEL_FILE).is_file():
-            raise PreflightError(f"model: {model}: a folder without {MODEL_FILE}{looked_for(model)}")
-        path = path / MODEL_FILE
+    try:
+        path = checkpoint_file(Path(model).expanduser())
+    except (FileNotFoundError, ValueError) as err:
+        raise PreflightError(f"model: {err}") from None
     if path.suffix != ".safetensors":
-        raise PreflightError(f"model: {path}: not a .safetensors checkpoint; the pipeline reads parclean's "
-                             "self-describing safetensors (its metadata names the architecture)")
-    metadata, parameters, has_visual = _safetensors_header(path)
+        return _check_pickled(path, architecture)
+    metadata, parameters, names = _safetensors_header(path)
+    if any(name.startswith(TRANSFORMERS_PREFIXES) for name in names):
+        raise PreflightError(f"model: {path}: {TRANSFORMERS_REFUSAL}")
     architecture = architecture or metadata.get("architecture")
     if not architecture:
-        raise PreflightError(f"model: {path}: its metadata does not name an open_clip architecture")
-    if not has_visual:
+        raise PreflightError(f"model: {path}: its metadata does not name an open_clip architecture; set "
+                             "architecture: in the pipeline config")
+    if not any(name.startswith("visual.") for name in names):
         raise PreflightError(f"model: {path}: no visual.* tensors: not an open_clip CLIP state dict")
     config = _architecture_config(path, architecture, metadata.get("architecture_config"))
     image_size = _image_size(config)
     return f"{path} ({architecture}, {parameters / 1e6:.1f}M parameters, {image_size} px)", image_size
+
+
+def _check_pickled(path: Path, architecture: str | None) -> tuple[str, int]:
+    """An open_clip epoch_N.pt or a bare state dict: it names no architecture, so the config must."""
+    if not architecture:
+        raise PreflightError(f"model: {path}: a pickled checkpoint does not name its architecture; set "
+                             "architecture: in the pipeline config (e.g. ViT-B-32)")
+    image_size = _image_size(_architecture_config(path, architecture, None))
+    return f"{path} ({architecture}, pickled state dict, read with weights_only=True, {image_size} px)", image_size
 
 
 def _check_pretrained(architecture: str, tag: str) -> tuple[str, int]:
@@ -88,15 +100,15 @@ def _check_pretrained(architecture: str, tag: str) -> tuple[str, int]:
     return f"{architecture} pretrained={tag} (open_clip tag; weights from the hub or its cache)", _image_size(config)
 
 
-def _safetensors_header(path: Path) -> tuple[dict[str, str], int, bool]:
-    """(metadata, parameter count, whether it holds visual.* tensors), from the header: no tensor is read."""
+def _safetensors_header(path: Path) -> tuple[dict[str, str], int, list[str]]:
+    """(metadata, parameter count, tensor names), from the header: no tensor is read."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             names = list(handle.keys())
             parameters = sum(math.prod(handle.get_slice(name).get_shape()) for name in names)
-            return handle.metadata() or {}, parameters, any(name.startswith("visual.") for name in names)
+            return handle.metadata() or {}, parameters, names
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
         raise PreflightError(f"model: {path}: not a readable safetensors file ({err})") from None
 

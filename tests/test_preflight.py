@@ -81,6 +81,30 @@ def generator_without_unet(tmp_path: Path, tiny_sd: Path) -> str:
     return str(copy)
 
 
+def pickled_state_dict(tmp_path: Path, clip: Path) -> str:
+    """An open_clip-style bare state dict (.pt): it does not name its architecture."""
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(clip)), tmp_path / "epoch_1.pt")
+    return str(tmp_path / "epoch_1.pt")
+
+
+def transformers_clip_folder(tmp_path: Path) -> str:
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "hf-clip"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["CLIPModel"]}))
+    import torch
+
+    save_file({"vision_model.embeddings.patch_embedding.weight": torch.zeros(4, 3, 2, 2)},
+              str(folder / "model.safetensors"))
+    return str(folder)
+
+
 def out_holding_a_shard_set(tmp_path: Path) -> str:
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "manifest.json").write_text("{}")
@@ -99,6 +123,12 @@ BAD_INPUTS = {
     "model without architecture": (lambda s, t, sd: s.update(model=str(sd / "unet" / "diffusion_pytorch_model."
                                                                                       "safetensors")),
                                    "model: SD/unet/diffusion_pytorch_model.safetensors: its metadata does not name"),
+    "pickled model without architecture": (lambda s, t, sd: s.update(model=pickled_state_dict(t, Path(s["model"]))),
+                                           "model: TMP/epoch_1.pt: a pickled checkpoint does not name its "
+                                           "architecture"),
+    "transformers CLIPModel folder": (lambda s, t, sd: s.update(model=transformers_clip_folder(t)),
+                                      "model: TMP/hf-clip: a Hugging Face transformers CLIPModel checkpoint, which "
+                                      "is not supported"),
     "missing generator": (lambda s, t, sd: s["generate"].update(model=str(t / "no-sd")),
                           "generate.model: diffusers pipeline folder TMP/no-sd not found"),
     "generator without unet": (lambda s, t, sd: s["generate"].update(model=generator_without_unet(t, sd)),
@@ -143,6 +173,14 @@ def test_an_unwritable_output_folder_is_named(good: dict, tmp_path: Path, capsys
     good["out"] = str(locked / "run")
     code, _, err = dry_run(write_config(tmp_path, good), capsys)
     assert code == 2 and err == [f"parclean run: error: out: cannot write {locked}/run: {locked} is not writable"]
+
+
+def test_a_pickled_state_dict_with_its_architecture_passes(good: dict, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    good.update(model=pickled_state_dict(tmp_path, Path(good["model"])), architecture="tiny-test")
+    code, out, err = dry_run(write_config(tmp_path, good), capsys)
+    assert (code, err) == (0, [])
+    assert f"  CLIP model: {tmp_path}/epoch_1.pt (tiny-test, pickled state dict" in "\n".join(out)
 
 
 def test_overwrite_lets_the_dry_run_accept_a_folder_of_another_kind(good: dict, tmp_path: Path,
