@@ -114,11 +114,12 @@ def sample_grid_task(shards: str, count: int, artifact_prefix: str = "pipeline")
 
 @flow(name="data-free-clean")
 def data_free_clean_flow(pipeline_config: str | Path | PipelineConfig | dict[str, Any],
-                         overrides: dict[str, Any] | None = None) -> str:
-    """Generate (or reuse) the shard set, clean the model on it, evaluate and report; returns report.md's path."""
+                         overrides: dict[str, Any] | None = None, overwrite: bool = False) -> str:
+    """Generate (or reuse) the shard set, clean the model on it, evaluate and report; returns report.md's path.
+    overwrite: write into `out` and the shard folder even if they hold another kind of output."""
     cfg = load_config(PipelineConfig, pipeline_config, overrides)
     # Re-entrant: `parclean run` and `demo` hold these locks already; a served or deployed run takes them here.
-    with pipeline_outputs_locked(cfg, f"data-free-clean flow run {flow_run.get_id()}"):
+    with pipeline_outputs_locked(cfg, f"data-free-clean flow run {flow_run.get_id()}", overwrite):
         return _data_free_clean(cfg, pipeline_name(pipeline_config))
 
 

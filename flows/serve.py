@@ -140,7 +140,7 @@ def run_pipeline(config: str, overrides: dict, command: str, overwrite: bool) ->
     from flows.pipeline import data_free_clean_flow, pipeline_outputs_locked
 
     with pipeline_outputs_locked(cfg, command, overwrite):
-        report = data_free_clean_flow(config, overrides)
+        report = data_free_clean_flow(config, overrides, overwrite)
     print(before_after_table(report))
     print(f"report: {report}")
     return 0

@@ -224,3 +224,10 @@ def test_serve_checks_before_it_registers_a_schedule(good: dict, tmp_path: Path,
     assert main(["serve", "--config", str(write_config(tmp_path, good))]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"parclean serve: error: model: CLIP checkpoint {good['model']} not found"]
+
+
+def test_run_with_overwrite_writes_into_a_folder_of_another_kind(good: dict, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    good["out"] = out_holding_a_shard_set(tmp_path)
+    assert main(["run", "--config", str(write_config(tmp_path, good)), "--overwrite"]) == 0
+    assert (Path(good["out"]) / "report.json").is_file()
