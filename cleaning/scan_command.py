@@ -40,10 +40,13 @@ def run(args: argparse.Namespace) -> int:
 def table(model: str, result: dict[str, Any]) -> str:
     """The verdict in one line, then each class's smallest inverted triggers and anomaly indices."""
     lines = [f"{model}: {verdict_text(result)}", "",
-             f"{'class':<16}{'patch area':>11}{'index':>8}{'blend alpha':>13}{'index':>8}"]
+             f"{'class':<16}{'patch area':>11}{'index':>8}{'blend alpha':>13}{'index':>8}{'token loss':>12}"
+             f"{'index':>8}"]
     for name, row in result["classes"].items():
+        works = "" if row.get("token_works", True) else " (flips too few)"
         lines.append(f"{name:<16}{row['patch_size']:>11.3f}{row['patch_index']:>8.2f}{row['blend_size']:>13.3f}"
-                     f"{row['blend_index']:>8.2f}")
+                     f"{row['blend_index']:>8.2f}{10 ** row['token_size']:>12.2g}{row['token_index']:>8.2f}{works}")
     lines.append(f"\n{result['seconds']:.0f} s. Smallest trigger (share of the image covered, or blend weight) "
-                 "that sends the other classes' images to each class; index = MADs below the median.")
+                 "that sends the other classes' images to each class, and the loss one token-sized pattern reaches; "
+                 "index = MADs below the median.")
     return "\n".join(lines)

@@ -29,7 +29,19 @@ def test_verdict_names_the_class_whose_trigger_is_smallest_in_either_form() -> N
     assert plain["suspicious"] is False and plain["target"] is None and plain["score"] <= 2.0
 
 
-@pytest.mark.parametrize(("organism", "suspicious", "target"), [("clip-badnet", True, "moon"),
+def test_a_token_trigger_that_does_not_work_cannot_be_the_verdict() -> None:
+    # The token form's "size" is log10 of the loss a one-token trigger reaches; "c" is far below the others, but
+    # flips fewer than the required share of images, so it is a natural easy class, not a backdoor.
+    sizes = {"patch": [0.2, 0.19, 0.21, 0.22, 0.2], "blend": [0.3, 0.32, 0.28, 0.29, 0.31],
+             "token": [1.1, 1.0, -0.3, 1.2, 0.9]}
+    gated = verdict(sizes, CLASSES, 2.0, works={"token": [False, False, False, False, False]})
+    assert gated["suspicious"] is False and gated["classes"]["c"]["token_index"] > 2
+    assert verdict(sizes, CLASSES, 2.0, works={"token": [False, False, True, False, False]})["target"] == "c"
+
+
+@pytest.mark.parametrize(("organism", "suspicious", "target"), [
+    pytest.param("clip-badnet", True, "moon", marks=pytest.mark.slow),  # the v1 organism; v2's is the default
+    ("v2/clip-badnet", True, "moon"),
                                                                 ("clip-clean", False, None)])
 def test_scan_flags_the_backdoored_organism_with_its_target_and_not_the_clean_one(organism, suspicious, target,
                                                                                   capsys) -> None:
