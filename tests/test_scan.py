@@ -42,7 +42,7 @@ def test_a_token_trigger_that_does_not_work_cannot_be_the_verdict() -> None:
 @pytest.mark.parametrize(("organism", "suspicious", "target"), [
     pytest.param("clip-badnet", True, "moon", marks=pytest.mark.slow),  # the v1 organism; v2's is the default
     ("v2/clip-badnet", True, "moon"),
-                                                                ("clip-clean", False, None)])
+    ("clip-clean", False, None)])
 def test_scan_flags_the_backdoored_organism_with_its_target_and_not_the_clean_one(organism, suspicious, target,
                                                                                   capsys) -> None:
     assert main(["scan", "--model", str(MODELS / organism), "--json"]) == 0
