@@ -275,8 +275,9 @@ def _index_set(location: str, on_error: str, stats: DataStats) -> _Index:
                for path, url, shard in zip(paths, urls, manifest["shards"], strict=True)]
     counts = [len(o) - 1 if len(o) else 0 for o in offsets]
     if sum(counts) == 0:
-        what = "the manifest lists no samples" if sample_count(location) == 0 else \
-            "no readable sample in any shard of the set (all damaged?)"
+        listed = sum(int(shard["count"]) for shard in manifest["shards"])
+        what = "no readable sample in any shard of the set (all damaged?)" if listed else \
+            "the manifest lists no samples"
         raise ShardError(f"{location}: {what}")
     return _Index(
         location=location, fs=fs, paths=paths, urls=urls, filenames=[s["filename"] for s in manifest["shards"]],
