@@ -4,9 +4,20 @@ The batch of step s is a function of (shard set, seed, shuffle_buffer, global_ba
 run sees exactly what the interrupted one would have seen, whatever the number of processes or workers.
 The pipeline, one stage per function (as open_clip_train/data.py lays it out):
 
-    epoch e: shard order shuffled by rng(seed, e) -> each shard read by webdataset (tar -> raw samples)
-          -> raw checks (fields, caption, image header) -> seeded shuffle buffer
-    epochs chained -> global sample index -> global batches of G -> this rank's slice -> decode + tokenize
+    index (once per process): each shard's sample byte ranges, from the manifest (or its tar headers)
+    epoch e: shard order shuffled by rng(seed, e) -> sample ids in shard order -> seeded shuffle buffer
+    epochs chained -> global sample index -> global batches of G -> this rank's slice -> this worker's steps
+          -> only those samples' byte ranges read -> parsed, checked, decoded, tokenized
+
+Why a global order over sample ids, not shards split between readers: the tests (and resume across a change of
+world size) pin that the global batch does not depend on the number of processes or workers, and that rank r
+holds a contiguous slice of every global batch. A split by shards makes each reader's samples, and so every
+batch, depend on how many readers there are. Here the order is computed from the index alone (webdataset's
+shuffle buffer run over sample ids rather than over the samples: its picks depend only on the rng and the
+count), so every process and worker knows which samples each step holds without reading any, and reads only
+the byte ranges of its own: about 1x the set's bytes per epoch in total, whatever processes x workers is.
+The cost is one ranged read per sample, in place of a streamed read per shard: cheap on a local disk,
+latency-bound on object storage (see docs/data.md).
 
 Contract, error policy and costs: docs/data.md.
 """
@@ -14,18 +25,20 @@ Contract, error policy and costs: docs/data.md.
 from __future__ import annotations
 
 import io
-import itertools
 import logging
+import posixpath
 import random
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import numpy as np
 import PIL.Image
 import torch
 
-from parclean.shards import ShardError, read_manifest, shard_urls
+from parclean.shards import ShardError, read_manifest, scan_sample_offsets, shard_urls
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +64,11 @@ class Batch:
 
 @dataclass(frozen=True)
 class DataEvent:
-    """One problem met while reading: a damaged shard (key None), a skipped sample, or a replaced one."""
+    """One problem met while reading: a damaged shard (key None), or a bad sample replaced in its batch."""
 
-    kind: str  # "shard" (rest of a shard lost), "sample" (dropped before batching), "decode" (replaced in batch)
+    # "shard": a shard missing, cut short or overfull (its lost samples leave the stream);
+    # "sample": a sample's fields or caption are bad, "decode": its image is (both replaced in the batch).
+    kind: str
     filename: str
     key: str | None
     samples: int  # samples lost by this event
@@ -62,7 +77,7 @@ class DataEvent:
 
 @dataclass
 class DataStats:
-    """Counts of what on_error="skip" dropped or replaced, in this process (a damaged shard counts per read)."""
+    """Counts of what on_error="skip" dropped or replaced, in this process (damaged shards: once per stream)."""
 
     damaged_shards: int = 0
     samples_skipped: int = 0
@@ -75,14 +90,12 @@ class DataStats:
         self.events += 1
         if event.kind == "shard":
             self.damaged_shards += 1
-        if event.kind == "decode":
-            self.samples_replaced += event.samples
-        else:
             self.samples_skipped += event.samples
+        else:
+            self.samples_replaced += event.samples
         self.by_file[event.filename] = self.by_file.get(event.filename, 0) + event.samples
         if self.events <= LOG_FIRST or self.events % LOG_EVERY == 0:
-            what = {"shard": "rest of the shard skipped", "sample": "sample skipped",
-                    "decode": "image replaced by another sample of the batch"}[event.kind]
+            what = "rest of the shard skipped" if event.kind == "shard" else "replaced by another sample of the batch"
             where = event.filename if event.key is None else f"{event.filename}: sample {event.key}"
             logger.warning("%s: %s; %s (%d samples); problem %d so far, logged: first %d, then every %dth",
                            where, event.reason, what, event.samples, self.events, LOG_FIRST, LOG_EVERY)
@@ -110,22 +123,20 @@ def batches(
 ) -> BatchStream:
     """The endless batch stream from `start_step` on; this rank's contiguous slice of each global batch.
 
-    `stats` (or the returned stream's `.stats`) counts what on_error="skip" dropped.
+    `stats` (or the returned stream's `.stats`) counts what on_error="skip" dropped. The set is indexed here:
+    a damaged shard raises (fail) or is counted (skip) before the first batch.
     """
     _check_arguments(image_size, global_batch_size, seed, start_step, rank, world_size, num_workers, on_error,
                      shuffle_buffer)
-    manifest = read_manifest(location)
-    shards = [_Shard(url, entry["filename"], int(entry["count"]))
-              for url, entry in zip(shard_urls(location), manifest["shards"], strict=True)]
-    if sum(shard.count for shard in shards) == 0:
-        raise ShardError(f"{location}: the manifest lists no samples")
+    stats = stats if stats is not None else DataStats()
+    index = _index_set(str(location), on_error, stats)
     local = global_batch_size // world_size
     producer = _Producer(
-        location=str(location), shards=shards, image_size=image_size, tokenizer=tokenizer,
-        global_batch_size=global_batch_size, seed=seed, start_step=start_step, first=rank * local,
-        last=(rank + 1) * local, on_error=on_error, shuffle_buffer=shuffle_buffer,
+        index=index, image_size=image_size, tokenizer=tokenizer, global_batch_size=global_batch_size, seed=seed,
+        start_step=start_step, first=rank * local, last=(rank + 1) * local, on_error=on_error,
+        shuffle_buffer=shuffle_buffer,
     )
-    return BatchStream(producer, num_workers, stats if stats is not None else DataStats())
+    return BatchStream(producer, num_workers, stats)
 
 
 def _check_arguments(image_size: int, global_batch_size: int, seed: int, start_step: int, rank: int,
@@ -205,7 +216,7 @@ def _as_is(item: _Item) -> _Item:
 
 
 class _WorkerSteps(torch.utils.data.IterableDataset):
-    """A DataLoader worker's share: every worker reads the raw stream, decodes only the steps it owns."""
+    """A DataLoader worker's share: the steps it owns, of which it reads only this rank's samples."""
 
     def __init__(self, producer: _Producer):
         super().__init__()
@@ -222,23 +233,6 @@ class _WorkerSteps(torch.utils.data.IterableDataset):
 
 
 @dataclass(frozen=True)
-class _Shard:
-    url: str
-    filename: str
-    count: int
-
-
-@dataclass(frozen=True)
-class _Raw:
-    """A sample as read from the tar, not decoded: what the shuffle buffer holds."""
-
-    key: str
-    filename: str
-    image: bytes
-    caption: str
-
-
-@dataclass(frozen=True)
 class _Item:
     step: int
     batch: Batch | None
@@ -246,17 +240,99 @@ class _Item:
     failure: str | None = None
 
 
-class _Producer:
-    """Turns the shard set into (step, local batch) items; pure given its settings, so workers can share it."""
+# ----------------------------------------------------------------------------------------------- the index
 
-    def __init__(self, *, location: str, shards: list[_Shard], image_size: int, tokenizer: Callable[[list[str]], Any],
+
+@dataclass(frozen=True)
+class _Index:
+    """Every readable sample of the set as a byte range of its shard; sample ids run shard by shard."""
+
+    location: str
+    fs: Any  # the fsspec filesystem of the set
+    paths: list[str]  # per shard, in manifest order
+    urls: list[str]
+    filenames: list[str]
+    first: np.ndarray  # (shards + 1,) id of each shard's first sample; first[-1] is the total
+    starts: np.ndarray  # (total,) int64
+    ends: np.ndarray  # (total,) int64
+
+    @property
+    def total(self) -> int:
+        return int(self.first[-1])
+
+    def shard_of(self, ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.first, ids, side="right") - 1
+
+
+def _index_set(location: str, on_error: str, stats: DataStats) -> _Index:
+    """Index the set: sample offsets from the manifest, or from the tar headers where the manifest has none or
+    the file's size is not the manifest's (then the scan finds what is still readable)."""
+    manifest = read_manifest(location)
+    fs, root = fsspec.core.url_to_fs(location)
+    urls = shard_urls(location)
+    paths = [posixpath.join(root, shard["filename"]) for shard in manifest["shards"]]
+    offsets = [_shard_offsets(fs, path, url, shard, on_error, stats)
+               for path, url, shard in zip(paths, urls, manifest["shards"], strict=True)]
+    counts = [len(o) - 1 if len(o) else 0 for o in offsets]
+    if sum(counts) == 0:
+        listed = sum(int(shard["count"]) for shard in manifest["shards"])
+        what = "no readable sample in any shard of the set (all damaged?)" if listed else \
+            "the manifest lists no samples"
+        raise ShardError(f"{location}: {what}")
+    return _Index(
+        location=location, fs=fs, paths=paths, urls=urls, filenames=[s["filename"] for s in manifest["shards"]],
+        first=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        starts=np.concatenate([o[:-1] for o in offsets if len(o)]).astype(np.int64),
+        ends=np.concatenate([o[1:] for o in offsets if len(o)]).astype(np.int64),
+    )
+
+
+def _shard_offsets(fs: Any, path: str, url: str, shard: dict, on_error: str, stats: DataStats) -> list[int]:
+    """The shard's sample offsets (count + 1 of them when whole); damage raises (fail) or is counted (skip)."""
+    count, filename = int(shard["count"]), shard["filename"]
+    try:
+        size = fs.size(path)
+    except FileNotFoundError:
+        _shard_damage(url, filename, count, 0, "missing", on_error, stats)
+        return []
+    if "offsets" in shard and size == shard["bytes"]:
+        return shard["offsets"]
+    if size != shard["bytes"]:
+        logger.info("%s: %d bytes, the manifest lists %d: reading its tar headers", url, size, shard["bytes"])
+    with fs.open(path, "rb") as file:
+        offsets, problem = scan_sample_offsets(file)
+    found = max(len(offsets) - 1, 0)
+    if problem is not None:
+        _shard_damage(url, filename, count, found, f"unreadable after {found} samples ({problem})", on_error, stats)
+    elif found < count:
+        _shard_damage(url, filename, count, found, f"{found} samples, the manifest lists {count}", on_error, stats)
+    elif found > count:
+        _shard_damage(url, filename, count, count, f"holds more samples than the manifest's {count}", on_error,
+                      stats)
+        offsets = offsets[: count + 1]
+    return offsets
+
+
+def _shard_damage(url: str, filename: str, count: int, found: int, reason: str, on_error: str,
+                  stats: DataStats) -> None:
+    if on_error == "fail":
+        raise ShardError(f"{filename}: damaged shard at {url}: {reason}; regenerate the shard "
+                         "(verify_shards lists damage) or pass on_error='skip'")
+    stats.record(DataEvent("shard", filename, None, max(count - found, 0), reason))
+
+
+# ----------------------------------------------------------------------------------------------- the order
+
+
+class _Producer:
+    """Turns the index into (step, local batch) items; pure given its settings, so workers can share it."""
+
+    def __init__(self, *, index: _Index, image_size: int, tokenizer: Callable[[list[str]], Any],
                  global_batch_size: int, seed: int, start_step: int, first: int, last: int, on_error: str,
                  shuffle_buffer: int):
         import open_clip  # imported when a stream is made: it pulls in timm and more
 
-        self.location = location
-        self.shards = shards
-        self.total = sum(shard.count for shard in shards)
+        self.index = index
         self.tokenizer = tokenizer
         self.global_batch_size = global_batch_size
         self.seed = seed
@@ -267,135 +343,76 @@ class _Producer:
         # open_clip's val transform (resize shorter side, bicubic; centre crop; to tensor) with an identity
         # normalisation: the trainer augments and normalises.
         self.transform = open_clip.image_transform(image_size, is_train=False, mean=(0.0,) * 3, std=(1.0,) * 3)
-        self._pending: list[DataEvent] = []
-
-    # ------------------------------------------------------------------------------------------- batching
+        self._orders: dict[int, np.ndarray] = {}
 
     def run(self, worker: int, num_workers: int) -> Iterator[_Item]:
         """Items of the steps this worker owns (step % num_workers == worker), from start_step on, forever."""
-        size, step, index = self.global_batch_size, self.start_step, 0
-        local: list[_Raw] = []
-        events: list[DataEvent] = []
-        for raw in self._samples_from(step * size):
-            owned = step % num_workers == worker
-            if owned:
-                events += self._pending
-                if self.first <= index < self.last:
-                    local.append(raw)
-            self._pending.clear()
-            index += 1
-            if index == size:
-                if owned:
-                    batch, replaced = self._decode(local)
-                    yield _Item(step, batch, (*events, *replaced))
-                    events = []
-                local, index, step = [], 0, step + 1
-
-    def _samples_from(self, position: int) -> Iterator[_Raw]:
-        """The endless raw stream from global sample index `position`: whole epochs before it are not read."""
-        epoch, offset = divmod(position, self.total)
+        step = self.start_step + (worker - self.start_step) % num_workers
         while True:
-            seen = 0
-            for raw in itertools.islice(self._epoch(epoch), offset, None):
-                seen += 1
-                yield raw
-            if seen == 0 and offset == 0:
-                raise ShardError(f"{self.location}: no readable sample in any shard of the set (all damaged?)")
-            epoch, offset = epoch + 1, 0
+            positions = np.arange(step * self.global_batch_size + self.first, step * self.global_batch_size + self.last)
+            batch, events = self._decode(self._read(self._sample_ids(positions)))
+            yield _Item(step, batch, tuple(events))
+            step += num_workers
 
-    def _epoch(self, epoch: int) -> Iterator[_Raw]:
-        import webdataset as wds  # imports torch; see parclean.shards
+    def _sample_ids(self, positions: np.ndarray) -> np.ndarray:
+        """The sample ids at these global stream positions (epoch = position // total)."""
+        epochs, offsets = np.divmod(positions, self.index.total)
+        return np.array([self._order(int(e))[o] for e, o in zip(epochs, offsets, strict=True)], dtype=np.int64)
 
-        shard_rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, _SHARD_ORDER]))
-        order = shard_rng.permutation(len(self.shards))
-        shuffle_seed = int(np.random.SeedSequence([self.seed, epoch, _SAMPLE_SHUFFLE]).generate_state(1)[0])
-        source = (raw for index in order for raw in self._read_shard(self.shards[index]))
-        # webdataset's buffer shuffle, driven by our own seeded rng (its default seeds from pid and time).
-        size = self.shuffle_buffer
-        return wds.shuffle(size, size, rng=random.Random(shuffle_seed))(source)
+    def _order(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s sample ids in stream order; the last two epochs used are kept."""
+        if epoch not in self._orders:
+            import webdataset as wds  # imports torch; see parclean.shards
+
+            shard_rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, _SHARD_ORDER]))
+            first = self.index.first.tolist()
+            source = [i for s in shard_rng.permutation(len(first) - 1).tolist() for i in range(first[s], first[s + 1])]
+            shuffle_seed = int(np.random.SeedSequence([self.seed, epoch, _SAMPLE_SHUFFLE]).generate_state(1)[0])
+            # webdataset's buffer shuffle, driven by our own seeded rng (its default seeds from pid and time).
+            size = self.shuffle_buffer
+            order = wds.shuffle(size, size, rng=random.Random(shuffle_seed))(iter(source))
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = np.fromiter(order, dtype=np.int64, count=len(source))
+        return self._orders[epoch]
 
     # ------------------------------------------------------------------------------------------- reading
 
-    def _read_shard(self, shard: _Shard) -> Iterator[_Raw]:
-        """The shard's samples through webdataset; damage raises (fail) or ends the shard with an event (skip)."""
-        import webdataset as wds
-
-        # One dataset per shard, so that a failure names its shard; we order shards ourselves (no shardshuffle)
-        # and every process and worker reads every shard (no node or worker splitting).
-        dataset = wds.WebDataset([shard.url], shardshuffle=False, nodesplitter=None, workersplitter=None,
-                                 empty_check=False)
-        samples = iter(dataset)
-        count = 0
-        while True:
-            try:
-                sample = next(samples)
-            except StopIteration:
-                break
-            except Exception as err:  # noqa: BLE001 - tarfile, gopen and webdataset raise many types
-                self._shard_damage(shard, count, f"unreadable after {count} samples ({_reason(err)})")
-                return
-            count += 1
-            if count > shard.count:
-                self._shard_damage(shard, count, f"holds more samples than the manifest's {shard.count}")
-                return
-            raw = self._check_sample(shard, sample)
-            if raw is not None:
-                yield raw
-        if count < shard.count:
-            self._shard_damage(shard, count, f"{count} samples, the manifest lists {shard.count}")
-
-    def _shard_damage(self, shard: _Shard, count: int, reason: str) -> None:
-        if self.on_error == "fail":
-            raise ShardError(f"{shard.filename}: damaged shard at {shard.url}: {reason}; regenerate the shard "
-                             "(verify_shards lists damage) or pass on_error='skip'")
-        self._pending.append(DataEvent("shard", shard.filename, None, max(shard.count - count, 0), reason))
-
-    def _check_sample(self, shard: _Shard, sample: dict[str, Any]) -> _Raw | None:
-        """Cheap checks on the raw sample (fields, UTF-8 caption, image header): no pixel is decoded here."""
-        key = sample["__key__"]
-        images = [ext for ext in IMAGE_EXTENSIONS if ext in sample]
-        problem = None
-        if len(images) != 1 or "txt" not in sample:
-            fields = sorted(name for name in sample if not name.startswith("__"))
-            problem = f"has {fields}, expected one image ({'/'.join(IMAGE_EXTENSIONS)}) and a txt"
-        else:
-            try:
-                caption = sample["txt"].decode("utf-8")
-                with PIL.Image.open(io.BytesIO(sample[images[0]])):
-                    pass
-            except UnicodeDecodeError:
-                problem = "caption is not UTF-8"
-            except _IMAGE_ERRORS as err:
-                problem = f"unreadable image ({type(err).__name__}: {err})"
-        if problem is None:
-            return _Raw(key, shard.filename, sample[images[0]], caption)
-        if self.on_error == "fail":
-            raise ShardError(f"{shard.filename}: sample {key}: {problem} (at {shard.url}); pass on_error='skip' "
-                             "to skip such samples")
-        self._pending.append(DataEvent("sample", shard.filename, key, 1, problem))
-        return None
+    def _read(self, ids: np.ndarray) -> list[_Raw]:
+        """Read these samples' byte ranges (one ranged read each; concurrent on async filesystems) and parse."""
+        index = self.index
+        shards = index.shard_of(ids)
+        data = index.fs.cat_ranges([index.paths[s] for s in shards], index.starts[ids].tolist(),
+                                   index.ends[ids].tolist(), on_error="return")
+        return [_parse(index.filenames[s], index.urls[s], content) for s, content in zip(shards, data, strict=True)]
 
     # ------------------------------------------------------------------------------------------- decoding
 
     def _decode(self, raws: list[_Raw]) -> tuple[Batch, list[DataEvent]]:
-        """Decode and tokenize this process's slice. With skip, an image that fails to decode is replaced by
-        the nearest decodable sample of the slice, because every rank's batch must keep its size."""
+        """Check, decode and tokenize this process's slice. With skip, a bad sample is replaced by the nearest
+        good sample of the slice, because every rank's batch must keep its size (and the other readers never
+        see this sample, so it cannot leave the global order)."""
         images: list[torch.Tensor | None] = []
         events = []
         for raw in raws:
-            try:
-                with PIL.Image.open(io.BytesIO(raw.image)) as image:
-                    images.append(self.transform(image.convert("RGB")))
-            except _IMAGE_ERRORS as err:
-                reason = f"cannot decode the image ({type(err).__name__}: {err})"
-                if self.on_error == "fail":
-                    raise ShardError(f"{raw.filename}: sample {raw.key}: {reason}; pass on_error='skip' to replace "
-                                     "such samples") from None
-                events.append(DataEvent("decode", raw.filename, raw.key, 1, reason))
-                images.append(None)
+            kind, problem = ("sample", raw.problem) if raw.problem else ("decode", None)
+            if problem is None:
+                try:
+                    with PIL.Image.open(io.BytesIO(raw.image)) as image:
+                        try:
+                            images.append(self.transform(image.convert("RGB")))
+                            continue
+                        except _IMAGE_ERRORS as err:
+                            problem = f"cannot decode the image ({type(err).__name__}: {err})"
+                except _IMAGE_ERRORS as err:
+                    problem = f"unreadable image ({type(err).__name__}: {err})"
+            if self.on_error == "fail":
+                raise ShardError(f"{raw.filename}: sample {raw.key}: {problem} (at {raw.url}); pass "
+                                 "on_error='skip' to replace such samples")
+            events.append(DataEvent(kind, raw.filename, raw.key, 1, problem))
+            images.append(None)
         good = [i for i, image in enumerate(images) if image is not None]
         if not good:
-            raise ShardError(f"{raws[0].filename}: no image of a batch slice could be decoded ({events[0].reason})")
+            raise ShardError(f"{raws[0].filename}: no sample of a batch slice could be used ({events[0].reason})")
         # Nearest good sample, earlier one on ties: deterministic, and stays within this rank's slice.
         chosen = [i if images[i] is not None else min(good, key=lambda g, i=i: (abs(g - i), g))
                   for i in range(len(raws))]
@@ -405,8 +422,46 @@ class _Producer:
         return batch, events
 
 
+@dataclass(frozen=True)
+class _Raw:
+    """A sample as read from its byte range, not decoded; `problem` says why it cannot be used."""
+
+    key: str
+    filename: str
+    url: str
+    image: bytes = b""
+    caption: str = ""
+    problem: str | None = None
+
+
+def _parse(filename: str, url: str, content: bytes | Exception) -> _Raw:
+    """The sample's tar members (webdataset's grouping: key up to the first '.', extension lower-cased)."""
+    if isinstance(content, Exception):
+        return _Raw("?", filename, url, problem=f"cannot be read ({_reason(content)})")
+    fields: dict[str, bytes] = {}
+    keys = set()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(content), mode="r:") as tar:
+            for member in tar:
+                key, _, ext = posixpath.basename(member.name).partition(".")
+                keys.add(key)
+                fields[ext.lower()] = tar.extractfile(member).read() if member.isfile() else b""
+    except (tarfile.TarError, OSError, EOFError) as err:
+        return _Raw("?", filename, url, problem=f"its tar members do not parse ({_reason(err)})")
+    key = "/".join(sorted(keys)) or "?"
+    images = [ext for ext in IMAGE_EXTENSIONS if ext in fields]
+    if len(keys) != 1 or len(images) != 1 or "txt" not in fields:
+        return _Raw(key, filename, url, problem=f"has {sorted(fields)}, expected one image "
+                                                f"({'/'.join(IMAGE_EXTENSIONS)}) and a txt")
+    try:
+        caption = fields["txt"].decode("utf-8")
+    except UnicodeDecodeError:
+        return _Raw(key, filename, url, problem="caption is not UTF-8")
+    return _Raw(key, filename, url, fields[images[0]], caption)
+
+
 def _reason(err: BaseException) -> str:
-    """One line from errors that webdataset has decorated with streams and URLs in their args."""
+    """One line from errors that fsspec or tarfile may have decorated with streams and URLs in their args."""
     if isinstance(err, OSError) and err.strerror:
         return f"{type(err).__name__}: {err.strerror}"
     first = err.args[0] if err.args else ""

@@ -355,7 +355,7 @@ def _check_shards(accelerator: Accelerator, shards: str, data: DataConfig) -> in
 def _data_errors(accelerator: Accelerator, stats: Any, failing: int) -> dict[str, int]:
     """What on_error=skip let through in this run (since the step it resumed from), for result.json."""
     replaced = torch.tensor(getattr(stats, "samples_replaced", 0), device=accelerator.device)
-    # Every process reads the whole raw stream (same shard and sample losses) but decodes only its slice.
+    # Every process indexes the whole set (same shard losses) but reads and decodes only its own samples.
     return {"shards_failing_sha256": failing, "damaged_shards": getattr(stats, "damaged_shards", 0),
             "samples_skipped": getattr(stats, "samples_skipped", 0),
             "samples_replaced": int(accelerator.reduce(replaced, reduction="sum"))}

@@ -177,6 +177,18 @@ def test_workers_give_the_single_process_stream(toy_set: Path, tokenizer, fresh:
     assert multiprocessing.active_children() == []  # closing the stream stopped its workers
 
 
+def test_each_process_and_worker_reads_only_its_share(toy_set: Path, tokenizer) -> None:
+    from bench.data_loading import measure
+
+    single = measure(toy_set, 1, 0, steps=40, global_batch_size=16, image_size=32, tokenizer=tokenizer)
+    spread = measure(toy_set, 2, 2, steps=40, global_batch_size=16, image_size=32, tokenizer=tokenizer)
+    set_bytes = sum(path.stat().st_size for path in toy_set.glob("*.tar")) / COUNT
+    # One reader reads each sample's bytes once; 2 ranks x 2 workers together read about the same, not 4x
+    # (a little more: each DataLoader worker prefetches a few steps past the last one consumed).
+    assert 0.9 * set_bytes < single.bytes_per_sample < 1.1 * set_bytes
+    assert spread.bytes_per_sample <= 1.2 * single.bytes_per_sample
+
+
 # ----------------------------------------------------------------------------------------------- damage
 
 
@@ -240,15 +252,20 @@ def test_skip_continues_counts_and_logs(toy_set: Path, tokenizer, tmp_path: Path
         assert reference == stats
 
 
-def test_unreadable_image_is_skipped_or_fails(toy_set: Path, tokenizer, tmp_path: Path) -> None:
+def test_unreadable_image_is_replaced_or_fails(toy_set: Path, tokenizer, tmp_path: Path) -> None:
     damaged = copy_set(toy_set, tmp_path)
     rewrite_member(damaged / "toy-000001.tar", "00000107.png", b"not an image")
+    # One batch of COUNT is all of epoch 0, so it holds the damaged sample.
     with pytest.raises(ShardError, match=r"toy-000001\.tar: sample 00000107: unreadable image"):
-        take(damaged, tokenizer, 1)
+        take(damaged, tokenizer, 1, global_batch_size=COUNT)
     stats = DataStats()
-    got = take(damaged, tokenizer, 1, global_batch_size=COUNT - 1, on_error="skip", stats=stats)
-    assert stats.samples_skipped == 1 and stats.by_file == {"toy-000001.tar": 1}
-    assert sorted(got[0].keys) == sorted(all_keys(toy_set) - {"00000107"})
+    got = take(damaged, tokenizer, 1, global_batch_size=COUNT, on_error="skip", stats=stats)[0]
+    assert stats.samples_replaced == 1 and stats.samples_skipped == 0 and stats.by_file == {"toy-000001.tar": 1}
+    # Only the reader of that sample sees it is bad, so it keeps its place and takes its neighbour's pair.
+    where = take(toy_set, tokenizer, 1, global_batch_size=COUNT)[0].keys.index("00000107")
+    neighbour = where - 1 if where else 1
+    assert got.keys[where] == got.keys[neighbour] and torch.equal(got.images[where], got.images[neighbour])
+    assert set(got.keys) == all_keys(toy_set) - {"00000107"}
 
 
 def test_missing_location_names_it(tmp_path: Path, tokenizer) -> None:

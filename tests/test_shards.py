@@ -71,6 +71,15 @@ def shard_set(tmp_path: Path) -> tuple[Path, dict[str, Sample]]:
     return tmp_path, write_set(tmp_path)
 
 
+def sample_offsets_of(path: Path) -> list[int]:
+    """Where each sample's first member header starts, then where the last sample's data (padded) ends."""
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    keys = [member.name.split(".")[0] for member in members]
+    starts = [member.offset for i, member in enumerate(members) if i == 0 or keys[i] != keys[i - 1]]
+    return [*starts, members[-1].offset_data + -(-members[-1].size // 512) * 512]
+
+
 def flip_member_header(path: Path, member_number: int) -> None:
     """Damage the tar header of one member in the middle of the file (webdataset then stops reading early)."""
     with tarfile.open(path) as tar:
@@ -143,6 +152,7 @@ def test_sizes_manifest_and_stats_match_the_files(shard_set: tuple[Path, dict[st
             "count": count,
             "sha256": hashlib.sha256(data).hexdigest(),
             "bytes": len(data),
+            "offsets": sample_offsets_of(out_dir / filename),
         }
 
     stats = json.loads((out_dir / f"{NAME}-000001_stats.json").read_text())
@@ -302,6 +312,16 @@ def test_manifest_errors_name_the_location(tmp_path: Path) -> None:
         write_shard("s3://bucket/set", NAME, 0, make_samples(0, 1))
     with pytest.raises(ShardError, match="write shards before the manifest"):
         write_manifest(tmp_path, NAME, [ShardRecord(shard_filename(NAME, 0), 1, "0" * 64, 10)], config={})
+
+
+@pytest.mark.parametrize("offsets", [[0, 512], [0, 2048, 1024, 3072], [0, "512", 1024, 2048], [0, 1024, 2048, 10**9]])
+def test_manifest_with_bad_sample_offsets_is_refused(shard_set: tuple[Path, dict[str, Sample]], offsets) -> None:
+    out_dir, _ = shard_set
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    manifest["shards"][2]["offsets"] = offsets  # shard 2 holds 3 samples: 4 ascending offsets within its bytes
+    (out_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"manifest.json: toy-000002.tar: 'offsets' must be 4 ascending"):
+        read_manifest(out_dir)
 
 
 def test_verify_command_checks_a_set_from_the_command_line(shard_set: tuple[Path, dict[str, Sample]],
