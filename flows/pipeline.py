@@ -137,6 +137,7 @@ def _data_free_clean(cfg: PipelineConfig, prefix: str) -> str:
         runner = cfg.runner
         summary = generate_shards_flow(cfg.generate, shards["folder"], runner=runner.kind,
                                        dask_address=runner.dask_address, n_workers=runner.n_workers,
+                                       devices=runner.devices,
                                        retries=runner.retries, retry_delay_seconds=runner.retry_delay_seconds,
                                        gpu_limit=runner.gpu_limit,
                                        artifact_prefix=prefix)
