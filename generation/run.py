@@ -17,7 +17,7 @@ from tqdm import tqdm
 from generation.config import GenerateConfig
 from generation.images import generate_batch, image_seed, resize_for_storage
 from generation.pipeline import load_pipeline
-from generation.workers import generate_on_cluster, worker_devices
+from generation.workers import cached_pipeline, generate_on_cluster, this_worker_device, worker_devices
 from parclean import stop
 from parclean.config import to_dict, write_resolved
 from parclean.outputs import output_lock
@@ -83,7 +83,8 @@ def _generate_shards(cfg: GenerateConfig, out_dir: Path, progress: bool, devices
     if in_process:
         records = {index: generate_shard(cfg, out_dir, index, plan[index], pipe, progress=bar) for index in todo}
     else:
-        records = generate_on_cluster(cfg, out_dir, [(i, plan[i]) for i in todo], devices=devices,
+        shards = [(i, plan[i]) for i in todo]
+        records = generate_on_cluster(generate_shard_on_worker, cfg, out_dir, shards, devices=devices,
                                       address=dask_address, done=bar.update) if todo else {}
     bar.close()
     seconds = time.perf_counter() - start
@@ -159,6 +160,14 @@ def generate_shard(
         seconds=seconds,
         config_sha256=config_sha256(cfg),
     )
+
+
+def generate_shard_on_worker(cfg: GenerateConfig, out_dir: str, index: int, captions: list[Caption],
+                             devices: Sequence[str] | None) -> ShardRecord:
+    """One shard on this Dask worker's device (worker i of a local cluster: devices[i]), with its pipeline."""
+    pipe, lock = cached_pipeline(cfg, this_worker_device(devices))
+    with lock:
+        return generate_shard(cfg, out_dir, index, captions, pipe)
 
 
 def write_set_manifest(

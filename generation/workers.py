@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+ShardJob = Callable[..., ShardRecord]  # (cfg, out_dir, index, captions, devices) -> the shard's record
+
 # The settings that decide which pipeline object a process holds; the others (count, seed, ...) do not.
 PIPELINE_FIELDS = ("model", "device", "dtype", "scheduler", "compile", "channels_last", "safety_checker")
 
@@ -79,16 +81,6 @@ def this_worker_device(devices: Sequence[str] | None) -> str | None:
     return devices[name % len(devices)] if isinstance(name, int) else devices[0]
 
 
-def generate_shard_job(cfg: GenerateConfig, out_dir: str, index: int, captions: list[Caption],
-                       devices: Sequence[str] | None) -> ShardRecord:
-    """One shard on this worker's device: what a Dask worker runs."""
-    from generation.run import generate_shard
-
-    pipe, lock = cached_pipeline(cfg, this_worker_device(devices))
-    with lock:
-        return generate_shard(cfg, out_dir, index, captions, pipe)
-
-
 def local_cluster(n_workers: int):
     """A Dask cluster on this machine: `n_workers` processes of one thread, each holding one pipeline."""
     from distributed import LocalCluster
@@ -97,11 +89,14 @@ def local_cluster(n_workers: int):
                         silence_logs=logging.WARNING)
 
 
-def generate_on_cluster(cfg: GenerateConfig, out_dir: str | Path, todo: list[tuple[int, list[Caption]]], *,
-                        devices: Sequence[str] | None, address: str | None = None,
+def generate_on_cluster(job: ShardJob, cfg: GenerateConfig, out_dir: str | Path,
+                        todo: list[tuple[int, list[Caption]]], *, devices: Sequence[str] | None,
+                        address: str | None = None,
                         done: Callable[[int], None] = lambda images: None) -> dict[int, ShardRecord]:
-    """Generate the `todo` shards on one local worker per device, or on the cluster at `address` (each worker
-    on its config device); `done(images)` after each shard. Returns the records by shard index."""
+    """Run `job` for each of the `todo` shards on one local worker per device, or on the cluster at `address`
+    (each worker on its config device); `done(images)` after each shard. Returns the records by shard index.
+
+    job(cfg, out_dir, index, captions, devices) runs on a worker (generation.run.generate_shard_on_worker)."""
     from distributed import Client, as_completed
 
     cluster = None if address else local_cluster(len(devices or []) or 1)
@@ -109,7 +104,7 @@ def generate_on_cluster(cfg: GenerateConfig, out_dir: str | Path, todo: list[tup
         with Client(address or cluster) as client:
             logger.info("generating %d shards on %d Dask workers (%s)", len(todo), len(client.scheduler_info()
                         ["workers"]), address or ", ".join(devices or []))
-            futures = {client.submit(generate_shard_job, cfg, str(out_dir), index, captions,
+            futures = {client.submit(job, cfg, str(out_dir), index, captions,
                                      None if address else list(devices or []), pure=False): index
                        for index, captions in todo}
             records = {}
