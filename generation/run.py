@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from generation.config import GenerateConfig
 from generation.images import generate_batch, image_seed, resize_for_storage
-from generation.pipeline import load_pipeline
+from generation.pipeline import load_pipeline, resolve_model_source
 from generation.workers import cached_pipeline, generate_on_cluster, this_worker_device, worker_devices
 from parclean import stop
 from parclean.config import to_dict, write_resolved
@@ -75,6 +75,8 @@ def _generate_shards(cfg: GenerateConfig, out_dir: Path, progress: bool, devices
     in_process = len(devices) == 1 and dask_address is None
     # Loaded only when some shard needs work, and before anything is written, so a bad model writes nothing.
     pipe = load_pipeline(cfg, device=devices[0]) if todo and in_process else None
+    if todo and not in_process:
+        resolve_model_source(cfg.model)  # workers load their own copies: the path is checked here first
     record_config(cfg, out_dir)
     logger.info("%s: %d of %d shards to generate", out_dir, len(todo), len(plan))
     images = sum(len(plan[i]) for i in todo)

@@ -49,3 +49,10 @@ def test_devices_auto_is_every_visible_gpu_or_the_configured_device() -> None:
     for bad in ([], ["gpu0"], "cuda:0,tpu"):
         with pytest.raises(ValueError, match="devices=.*give auto, or a list of cpu, cuda, cuda:N or mps"):
             worker_devices("auto", bad)
+
+
+def test_a_missing_model_is_named_before_any_worker_starts_or_file_is_written(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError, match=f"model '{missing}': no such folder"):
+        generate_shards(tiny_config(missing), tmp_path / "out", progress=False, devices=["cpu", "cpu"])
+    assert not (tmp_path / "out" / "config.yaml").exists()
