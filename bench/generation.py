@@ -1,15 +1,20 @@
 """Generation throughput: our batched generator against a naive one-caption-at-a-time diffusers loop.
 
-Same pipeline, captions, steps, guidance and size for both; images/s for each and their ratio.
+Same weights, captions, steps, guidance and size for all; images/s for each and their ratios. With --compile or
+--channels-last (--optimized: both, and fp16), a third method runs the batched generator on a copy of the UNet
+with those levers, so the naive eager loop, the eager batched loop and the optimized one are timed in one run.
 
     python -m bench.generation                          # CPU, the tiny pipeline (seconds)
     python -m bench.generation --sd15-architecture      # GPU: SD 1.5's UNet/VAE/text encoder, random
                                                         # weights, fp16, 512x512, 25 steps; + UNet TFLOP/s
+    python -m bench.generation --sd15-architecture --optimized   # + compile, channels_last (GPU)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import os
 import platform
 import tempfile
@@ -21,7 +26,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from generation.config import GenerateConfig
 from generation.images import generate_batch, image_seed
-from generation.pipeline import load_pipeline, prepare_pipeline, resolve_device, resolve_dtype
+from generation.pipeline import (
+    load_pipeline,
+    prepare_pipeline,
+    resolve_device,
+    resolve_dtype,
+    settings_for_device,
+)
 from generation.run import caption_list
 from generation.tiny_pipeline import build_tiny_pipeline
 from parclean.clip_bpe import build_clip_tokenizer
@@ -66,6 +77,15 @@ def build_sd15_architecture(device: torch.device, dtype: torch.dtype, tokenizer_
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     return pipe.to(device, dtype)
+
+
+def optimized_copy(pipe, cfg: GenerateConfig, device: torch.device):
+    """The same pipeline around a copy of its UNet, with cfg's channels_last and compile applied to the copy only
+    (compile works in place, so the eager pipeline keeps an untouched UNet)."""
+    components = {**pipe.components, "unet": copy.deepcopy(pipe.unet)}
+    if "requires_safety_checker" in pipe.config:
+        components["requires_safety_checker"] = False
+    return prepare_pipeline(type(pipe)(**components), cfg, device)
 
 
 def unet_flops_per_image(pipe, cfg: GenerateConfig) -> float:
@@ -125,8 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, help="image size in px (default 32 tiny, 512 SD 1.5)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (batched path)")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (optimized method)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last UNet (optimized method)")
+    parser.add_argument("--optimized", action="store_true", help="--compile --channels-last --dtype fp16")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (best one counts)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the card's dense fp16 peak (H100 SXM)")
@@ -134,50 +155,71 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.optimized:
+        args.compile, args.channels_last, args.dtype = True, True, "fp16"
     big = args.sd15_architecture
     size = args.size or (512 if big else 32)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = GenerateConfig(
+        asked = GenerateConfig(
             model=str(Path(tmp) / "tiny-sd"), bank="general" if big else "toyworld",
             num_samples=args.images or (32 if big else 64), batch_size=args.batch_size or 16,
             steps=args.steps or (25 if big else 10), guidance=7.5, height=size, width=size,
             scheduler="DDIMScheduler", device=args.device, dtype=args.dtype, compile=args.compile,
             channels_last=args.channels_last,
         )
-        device = resolve_device(cfg.device)
+        device = resolve_device(asked.device)
+        cfg = settings_for_device(asked, device)  # the GPU levers on a CPU: fp32, no compile (logged)
+        eager = dataclasses.replace(cfg, compile=False, channels_last=False)
         if big:
             pipe = build_sd15_architecture(device, resolve_dtype(cfg.dtype, device), Path(tmp) / "tokenizer")
-            pipe = prepare_pipeline(pipe, cfg, device)
+            pipe = prepare_pipeline(pipe, eager, device)
         else:
             build_tiny_pipeline(cfg.model, sample_size=size)
-            pipe = load_pipeline(cfg)
-        captions = caption_list(cfg)
-        texts = [caption.text for caption in captions]
-        seeds = [image_seed(cfg.seed, caption.index) for caption in captions]
-        warm = cfg.batch_size
-        time_batched(pipe, cfg, texts[:warm], seeds[:warm])  # compile / kernel selection happen here
-        time_naive(pipe, cfg, texts[:2], seeds[:2])
+            pipe = load_pipeline(eager)
+        fast = optimized_copy(pipe, cfg, device) if (cfg.compile or cfg.channels_last) else None
+        rates = measure(pipe, fast, cfg, args.repeats)
         flops = unet_flops_per_image(pipe, cfg)
-        # Interleaved repeats, best of each: a shared machine's other jobs slow runs down, never speed them up.
-        batched_times, naive_times = [], []
-        for _ in range(args.repeats):
-            batched_times.append(time_batched(pipe, cfg, texts, seeds))
-            naive_times.append(time_naive(pipe, cfg, texts, seeds))
-        batched, naive = len(texts) / min(batched_times), len(texts) / min(naive_times)
 
     label = "SD 1.5 architecture (random weights)" if big else "tiny SD (random weights)"
     print(f"model: {label}, {size}x{size}, {cfg.steps} steps, guidance {cfg.guidance}, {pipe.unet.dtype}")
     print(f"machine: {machine(device)}")
-    print(f"images: {len(texts)} per method and run, best of {args.repeats} runs, batch size {cfg.batch_size}, "
-          f"compile {cfg.compile}")
-    print(f"batched (parclean): {batched:.2f} images/s")
-    print(f"naive (pipe(prompt) per caption): {naive:.2f} images/s")
-    print(f"ratio: {batched / naive:.2f}x")
-    achieved = flops * batched / 1e12
-    line = f"UNet: {flops / 1e9:.2f} GFLOP per image, {achieved:.3f} TFLOP/s in the batched run"
-    if device.type == "cuda":
-        line += f" ({100 * achieved / args.peak_tflops:.1f}% of {args.peak_tflops:g} TFLOP/s peak)"
-    print(line)
+    if cfg != asked:
+        print(f"asked for dtype {asked.dtype}, compile {asked.compile}; on the CPU: dtype {cfg.dtype}, compile off")
+    print(f"images: {cfg.num_samples} per method and run, best of {args.repeats} runs, batch size {cfg.batch_size}")
+    print(f"naive (pipe(prompt) per caption, eager): {rates['naive']:.2f} images/s")
+    print(f"batched (parclean, eager): {rates['batched']:.2f} images/s, {rates['batched'] / rates['naive']:.2f}x naive")
+    if "optimized" in rates:
+        print(f"batched (parclean, compile {cfg.compile}, channels_last {cfg.channels_last}): "
+              f"{rates['optimized']:.2f} images/s, {rates['optimized'] / rates['naive']:.2f}x naive, "
+              f"{rates['optimized'] / rates['batched']:.2f}x eager batched")
+    for method in ("batched", "optimized"):
+        if method in rates:
+            achieved = flops * rates[method] / 1e12
+            line = f"UNet ({method}): {flops / 1e9:.2f} GFLOP per image, {achieved:.3f} TFLOP/s"
+            if device.type == "cuda":
+                line += f" ({100 * achieved / args.peak_tflops:.1f}% of {args.peak_tflops:g} TFLOP/s peak)"
+            print(line)
+
+
+def measure(pipe, fast, cfg: GenerateConfig, repeats: int) -> dict[str, float]:
+    """Best images/s of each method over `repeats` interleaved runs, after a warm-up of each."""
+    captions = caption_list(cfg)
+    texts = [caption.text for caption in captions]
+    seeds = [image_seed(cfg.seed, caption.index) for caption in captions]
+    methods = {"naive": lambda n: time_naive(pipe, cfg, texts[:n], seeds[:n]),
+               "batched": lambda n: time_batched(pipe, cfg, texts[:n], seeds[:n])}
+    if fast is not None:
+        methods["optimized"] = lambda n: time_batched(fast, cfg, texts[:n], seeds[:n])
+    # Warm-up: compile and kernel selection happen here, for the full batch and the run's short last batch.
+    warm = {"naive": 2, "batched": cfg.batch_size + len(texts) % cfg.batch_size}
+    for name, run in methods.items():
+        run(min(len(texts), warm.get(name, warm["batched"])))
+    # Interleaved repeats, best of each: a shared machine's other jobs slow runs down, never speed them up.
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, run in methods.items():
+            times[name].append(run(len(texts)))
+    return {name: len(texts) / min(seconds) for name, seconds in times.items()}
 
 
 if __name__ == "__main__":

@@ -37,11 +37,12 @@ class TinySDConfig:
 
 @dataclass(frozen=True)
 class RunnerConfig:
-    """Where the generation tasks run: threads in the flow's process, or a Dask cluster (one worker per GPU)."""
+    """Where the generation tasks run: this machine (one worker per device), or a Dask cluster (one per GPU)."""
 
-    kind: str = "local"  # local | dask
-    dask_address: str | None = None  # an existing scheduler, "tcp://host:8786"; None: a LocalCluster
-    n_workers: int = 2  # LocalCluster worker processes (one thread each)
+    kind: str = "local"  # local: one worker per entry of devices | dask: a Dask cluster
+    devices: str | tuple[str, ...] = "auto"  # local: auto = every visible GPU (else generate.device), or [cpu, cpu]
+    dask_address: str | None = None  # dask: an existing scheduler, "tcp://host:8786"; None: a LocalCluster
+    n_workers: int = 2  # dask without an address: LocalCluster worker processes (one thread each)
     gpu_limit: str | None = None  # a Prefect global concurrency limit each shard task holds a slot of
     retries: int = 2  # per shard, on transient errors (CUDA OOM, I/O)
     retry_delay_seconds: float = 10.0
@@ -51,6 +52,9 @@ class RunnerConfig:
             raise ValueError(f"runner.kind={self.kind!r}: use one of {', '.join(RUNNERS)}")
         if self.n_workers < 1 or self.retries < 0 or self.retry_delay_seconds < 0:
             raise ValueError("runner: n_workers must be >= 1, retries and retry_delay_seconds >= 0")
+        from generation.workers import worker_devices
+
+        worker_devices("auto", self.devices)  # a bad list is named now, not when generation starts
 
 
 @dataclass(frozen=True)

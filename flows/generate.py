@@ -8,10 +8,8 @@ the pipeline, so a rerun of a finished flow writes nothing, and a failed or kill
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,12 +34,12 @@ from generation.run import (
     shard_plan,
     write_set_manifest,
 )
+from generation.workers import cached_pipeline, this_worker_device, worker_devices
 from parclean import stop
-from parclean.config import ConfigError, load_config, to_dict
+from parclean.config import ConfigError, load_config
 from parclean.shards import shard_is_complete
 
 if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
     from prefect.client.schemas.objects import TaskRun
     from prefect.states import State
     from prefect.tasks import Task
@@ -55,15 +53,6 @@ SHARD_RETRIES = 2
 SHARD_RETRY_DELAY_SECONDS = 10.0
 PROGRESS_FOLDER = ".progress"  # per-shard image counters, read by the flow's progress watcher
 DASK_CLUSTER_WINDOW = 64  # shard tasks in flight on a cluster of unknown size
-# The settings that decide which pipeline object a process holds; the others (count, seed, ...) do not.
-PIPELINE_FIELDS = ("model", "device", "dtype", "scheduler", "compile", "channels_last", "safety_checker")
-
-# One pipeline per worker process, loaded by the first shard task that needs it. A diffusers pipeline keeps
-# per-call state in its scheduler, so calls on one pipeline are serialised by the lock that comes with it.
-_PIPELINES: dict[str, tuple[DiffusionPipeline, threading.Lock]] = {}
-_PIPELINES_LOCK = threading.Lock()
-
-
 def is_transient(error: BaseException) -> bool:
     """Worth retrying: out of GPU memory, or an I/O error that is not a missing or misplaced file."""
     if type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower():
@@ -81,19 +70,6 @@ def retry_if_transient(task: Task, task_run: TaskRun, state: State) -> bool:
     return False
 
 
-def cached_pipeline(cfg: GenerateConfig) -> tuple[DiffusionPipeline, threading.Lock]:
-    """This process's pipeline for `cfg` (loaded on first use; a different one replaces it) and its lock."""
-    from generation.pipeline import load_pipeline
-
-    settings = to_dict(cfg)
-    key = json.dumps({name: settings[name] for name in PIPELINE_FIELDS}, sort_keys=True)
-    with _PIPELINES_LOCK:
-        if key not in _PIPELINES:
-            _PIPELINES.clear()  # one pipeline per process: device memory holds one
-            _PIPELINES[key] = (load_pipeline(cfg), threading.Lock())
-        return _PIPELINES[key]
-
-
 @task(
     name="generate-shard",
     task_run_name="shard-{index}",
@@ -103,12 +79,15 @@ def cached_pipeline(cfg: GenerateConfig) -> tuple[DiffusionPipeline, threading.L
     cache_policy=NO_CACHE,  # the shard's done marker is the cache (see docs/flows.md)
 )
 def generate_shard_task(
-    cfg: GenerateConfig, out_dir: str, index: int, captions: list[Caption], gpu_limit: str | None = None
+    cfg: GenerateConfig, out_dir: str, index: int, captions: list[Caption], gpu_limit: str | None = None,
+    devices: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Generate shard `index` unless it is already complete; return a small record (never images)."""
+    """Generate shard `index` unless it is already complete; return a small record (never images).
+
+    devices: those of a local cluster's workers (worker i runs on devices[i]); None: the config's device."""
     if shard_is_complete(out_dir, cfg.name, index, len(captions), config_sha256(cfg)):
         return {"index": index, "written": False}
-    pipe, lock = cached_pipeline(cfg)
+    pipe, lock = cached_pipeline(cfg, this_worker_device(devices))
     with lock, _gpu_slot(gpu_limit):  # this process's turn first, then a GPU slot
         start = time.perf_counter()
         counter = ImageCounter(Path(out_dir) / PROGRESS_FOLDER, index)
@@ -129,6 +108,7 @@ def generate_shards_flow(
     runner: str = "local",
     dask_address: str | None = None,
     n_workers: int = 2,
+    devices: str | list[str] | tuple[str, ...] = "auto",
     overrides: dict | None = None,
     retries: int = SHARD_RETRIES,
     retry_delay_seconds: float = SHARD_RETRY_DELAY_SECONDS,
@@ -137,13 +117,16 @@ def generate_shards_flow(
 ) -> dict[str, Any]:
     """Generate the shard set of `config` into `out_dir`: only missing shards, then the manifest.
 
-    runner: "local" (threads in this process, one pipeline, shards one at a time) or "dask" (a LocalCluster of
-    `n_workers` processes, one thread each, or the cluster at `dask_address`; one pipeline per worker).
+    runner: "local" (this machine: one worker per entry of `devices`, auto = every visible GPU; one worker runs
+    in this process, several as a LocalCluster of processes) or "dask" (a LocalCluster of `n_workers` processes
+    on `devices` in turn, or the cluster at `dask_address`, each worker on the config's device).
     gpu_limit: name of a Prefect global concurrency limit each shard holds a slot of while it generates.
     artifact_prefix: starts the keys of the progress and summary artifacts (default: out_dir's name).
     """
     cfg = load_config(GenerateConfig, config, overrides)
-    pool = task_runner(runner, dask_address, n_workers)  # checked before anything is written
+    placement = worker_devices(cfg.device, devices)
+    workers = len(placement) if runner == "local" else n_workers
+    pool = task_runner(runner, dask_address, workers)  # checked before anything is written
     out = str(out_dir)
     check_output_folder(cfg, out)
     record_config(cfg, out)
@@ -161,8 +144,9 @@ def generate_shards_flow(
     stop.clear()
     with pool, watcher:
         try:
-            results, failed = _run_shards(pool, shard_task, todo, window(runner, n_workers, dask_address),
-                                          {"cfg": cfg, "out_dir": out, "gpu_limit": gpu_limit})
+            results, failed = _run_shards(pool, shard_task, todo, window(runner, workers, dask_address),
+                                          {"cfg": cfg, "out_dir": out, "gpu_limit": gpu_limit,
+                                           "devices": None if dask_address else placement})
         except BaseException:
             # The run is unwinding (Ctrl-C, or Prefect's TerminationSignal for SIGTERM): the pool waits for its
             # threads on the way out, and signals never reach them, so ask them to stop at their next batch.
@@ -182,13 +166,11 @@ def generate_shards_flow(
 
 
 def window(runner: str, n_workers: int, dask_address: str | None) -> int:
-    """Shard tasks in flight at once: as many as can run (one per worker; one pipeline in this process),
-    so a task's time is its own work, not a wait in a queue."""
-    if runner == "dask" and dask_address is None:
-        return n_workers
-    if runner == "dask":
+    """Shard tasks in flight at once: as many as can run (one per worker), so a task's time is its own work,
+    not a wait in a queue."""
+    if runner == "dask" and dask_address is not None:
         return DASK_CLUSTER_WINDOW
-    return 1
+    return n_workers
 
 
 def _run_shards(pool: TaskRunner, shard_task: Task, todo: list[tuple[int, list[Caption]]], size: int,
@@ -208,14 +190,16 @@ def _run_shards(pool: TaskRunner, shard_task: Task, todo: list[tuple[int, list[C
 
 
 def task_runner(runner: str, dask_address: str | None = None, n_workers: int = 2) -> TaskRunner:
-    """The task runner for the shard tasks (entered by the flow): threads here, or Dask worker processes."""
-    if runner == "local":
-        return ThreadPoolTaskRunner(max_workers=4)
-    if runner != "dask":
+    """The task runner for the shard tasks (entered by the flow): threads here, or Dask worker processes.
+
+    local: one worker is this process (threads; one pipeline), several a LocalCluster, one process per device."""
+    if runner not in RUNNERS:
         raise ConfigError(f"runner={runner!r}: use one of {', '.join(RUNNERS)}")
+    if runner == "local" and n_workers == 1:
+        return ThreadPoolTaskRunner(max_workers=4)
     from prefect_dask import DaskTaskRunner
 
-    if dask_address:
+    if runner == "dask" and dask_address:
         return DaskTaskRunner(address=dask_address)
     if n_workers < 1:
         raise ConfigError(f"n_workers={n_workers}: must be >= 1")

@@ -1,9 +1,10 @@
 """The data-free cleaning flow: prompt bank -> generated shards -> PAR cleaning -> evaluation -> report.
 
 Generated shard sets are reused across runs: each lives in `shard_cache/NAME-KEY`, KEY a hash of the resolved
-GenerateConfig, the bank file's bytes and the generator's weights (for a local folder), so the same
-(bank, seed, model, settings) always maps to the same folder, and a complete set that verifies (every shard's
-sha256 against the manifest) is used as it is, without loading the generator.
+GenerateConfig, the bank file's bytes and the generator folder's identity (configs by content, weights by real
+path, size and mtime; symlinks followed), so the same (bank, seed, model, settings) always maps to the same
+folder, and a complete set that verifies (every shard's sha256 against the manifest) is used as it is, without
+loading the generator.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
@@ -44,10 +46,13 @@ THUMBNAIL = 128  # longer side of a sample in the grid artifact, in pixels (32 p
 GRID_GAP = 4
 GRID_COLUMNS = 8
 _CHUNK = 1 << 20
+# Files of a generator folder identified by stat, not content (diffusers/transformers weight formats).
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".onnx", ".onnx_data", ".msgpack", ".h5", ".gguf"}
+CONTENT_HASH_LIMIT = 16 << 20  # bytes; a bigger file of another kind is identified by stat too
 
 
 def shard_set_key(cfg: GenerateConfig) -> str:
-    """16 hex digits naming a shard set: the resolved config, the bank's bytes and the generator's weights."""
+    """16 hex digits naming a shard set: the resolved config, the bank's bytes and the generator's identity."""
     digest = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode())
     digest.update(_bank_fingerprint(cfg.bank).encode())
     digest.update(_model_fingerprint(cfg.model).encode())
@@ -133,6 +138,7 @@ def _data_free_clean(cfg: PipelineConfig, prefix: str) -> str:
         runner = cfg.runner
         summary = generate_shards_flow(cfg.generate, shards["folder"], runner=runner.kind,
                                        dask_address=runner.dask_address, n_workers=runner.n_workers,
+                                       devices=runner.devices,
                                        retries=runner.retries, retry_delay_seconds=runner.retry_delay_seconds,
                                        gpu_limit=runner.gpu_limit,
                                        artifact_prefix=prefix)
@@ -214,14 +220,40 @@ def _bank_fingerprint(bank: str) -> str:
 
 
 def _model_fingerprint(model: str) -> str:
-    """A local folder: sha256 over its files' names and bytes. A hub id: the id (pin a local copy to be exact)."""
+    """A local folder: its files' identity (below), symlinks followed. A hub id: the id (pin a local copy to be
+    exact)."""
     root = Path(model).expanduser()
     if not root.is_dir():
         return f"hub:{model}"
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + _file_sha256(path).encode())
+    for relative, path in _files_following_links(root):
+        digest.update(relative.encode() + b"\0" + _file_identity(path).encode() + b"\n")
     return digest.hexdigest()
+
+
+def _files_following_links(root: Path) -> list[tuple[str, Path]]:
+    """(path relative to root, path) of every file under root, into symlinked folders too, each real folder once."""
+    files, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []  # a symlink loop, or a second link to a folder already walked
+            continue
+        seen.add(real)
+        files += [(Path(folder, name).relative_to(root).as_posix(), Path(folder, name)) for name in names]
+    return sorted((relative, path) for relative, path in files if path.is_file())
+
+
+def _file_identity(path: Path) -> str:
+    """Configs and tokenizer files by content; weights (and anything big) by real path, size and mtime.
+
+    Hashing the weights would read tens of GB on every run. Their real path catches a swap behind a symlink
+    (and names the blob, itself a content hash, in a Hugging Face cache snapshot); size and mtime an in-place
+    rewrite."""
+    stat = path.stat()
+    if path.suffix.lower() in WEIGHT_SUFFIXES or stat.st_size > CONTENT_HASH_LIMIT:
+        return f"{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
+    return _file_sha256(path)
 
 
 def _file_sha256(path: Path) -> str:

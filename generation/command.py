@@ -17,6 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, help="override num_samples")
     parser.add_argument("--shard-size", type=int, help="override shard_size")
     parser.add_argument("--model", help="override model: a hub id or a local diffusers folder")
+    parser.add_argument("--devices", default="auto",
+                        help="one worker per device: auto (every visible GPU, else the config's device) or a comma "
+                             "list, e.g. cuda:0,cuda:1 or cpu,cpu")
+    parser.add_argument("--dask-address", help="run the shards on this Dask cluster (tcp://host:8786), one worker "
+                                               "per GPU; --out must be a folder every worker can write")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into --out even if it holds another kind of output")
@@ -25,15 +30,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from generation.config import GenerateConfig
     from generation.run import generate_shards
+    from generation.workers import worker_devices
 
     overrides = set_overrides(args)
     for key in ("num_samples", "shard_size", "model"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     cfg = load_config(GenerateConfig, args.config, overrides)
+    devices = worker_devices(cfg.device, args.devices)  # a bad list is refused before the folder is touched
     with output_lock(args.out, f"parclean generate --out {args.out}"):
         claim_folder(args.out, "shard set", overwrite=args.overwrite)
-        summary = generate_shards(cfg, args.out, progress=not args.no_progress)
+        summary = generate_shards(cfg, args.out, progress=not args.no_progress, devices=devices,
+                                  dask_address=args.dask_address)
     print(json.dumps(summary))
     return 0
 

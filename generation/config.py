@@ -22,7 +22,7 @@ class GenerateConfig:
     num_samples: int = 1000
     shard_size: int = 1000
     name: str = "synth"  # shard prefix: NAME-000000.tar
-    batch_size: int = 8  # fixed: the last batch is padded, so outputs depend on it (see docs/generation.md)
+    batch_size: int = 8  # images per call; outputs depend on it (see docs/generation.md)
     steps: int = 25
     guidance: float = 7.5
     height: int | None = None  # None: the model's default (UNet sample size x VAE scale)

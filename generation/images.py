@@ -30,22 +30,20 @@ def image_seed(run_seed: int, caption_index: int) -> int:
 def generate_batch(
     pipe: DiffusionPipeline, captions: list[str], seeds: list[int], cfg: GenerateConfig
 ) -> GeneratedImages:
-    """Images for up to `cfg.batch_size` captions, image i from `seeds[i]`.
+    """Images for up to `cfg.batch_size` captions, image i from `seeds[i]`; no more images than captions.
 
-    A short batch is padded to `cfg.batch_size` (padded outputs dropped), so the UNet always sees one shape
-    and a compiled UNet never recompiles. An image can still differ with the batch size (batched kernels
-    sum in another order), so the same seed gives the same image only under the same config.
+    An image can still differ with the batch size (batched kernels sum in another order), so the same seed
+    gives the same image only under the same config (the batches of a run are a function of its config).
     """
     if len(captions) != len(seeds):
         raise ValueError(f"{len(captions)} captions but {len(seeds)} seeds")
     if not 1 <= len(captions) <= cfg.batch_size:
         raise ValueError(f"batch of {len(captions)} captions; expected 1..batch_size={cfg.batch_size}")
-    pad = cfg.batch_size - len(captions)
-    prompts = list(captions) + [captions[-1]] * pad
+    prompts = list(captions)
     # CPU generators on purpose: diffusers draws the starting noise on the generator's device and moves
     # it, so a seed gives the same noise on any machine, and one generator per image makes image i
     # independent of its neighbours in the batch.
-    generators = [torch.Generator("cpu").manual_seed(seed) for seed in list(seeds) + [seeds[-1]] * pad]
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     kwargs = {}
     if cfg.negative_prompt is not None:
         kwargs["negative_prompt"] = [cfg.negative_prompt] * len(prompts)
@@ -59,7 +57,7 @@ def generate_batch(
         output_type="pil",
         **kwargs,
     )
-    images = list(output.images[: len(captions)])
+    images = list(output.images)
     return GeneratedImages(images, nsfw_flags(pipe, images))
 
 

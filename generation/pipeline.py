@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -50,21 +51,45 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype == "fp16" and device.type == "cpu":
-        logger.warning("dtype=fp16 on CPU is slow and not always supported; fp32 or bf16 is the usual choice")
     return DTYPES[dtype]
 
 
-def load_pipeline(cfg: GenerateConfig) -> DiffusionPipeline:
-    """Load `cfg.model` through `DiffusionPipeline.from_pretrained` and apply the settings' levers."""
+def settings_for_device(cfg: GenerateConfig, device: torch.device) -> GenerateConfig:
+    """The GPU recipe on a CPU: fp16 becomes fp32 and compile goes off, said in one log line.
+
+    fp16 kernels on CPUs are slow or missing, and compiling the UNet there takes minutes without a word.
+    The shards still record the settings as given (the config names what was asked, as with device: auto).
+    """
+    if device.type != "cpu":
+        return cfg
+    changes, said = {}, []
+    if cfg.dtype == "fp16":
+        changes["dtype"] = "fp32"
+        said.append("fp32 instead of fp16 (fp16 is slow or unsupported on CPUs)")
+    if cfg.compile:
+        changes["compile"] = False
+        said.append("compile off (compiling on a CPU takes minutes and gains little)")
+    if changes:
+        logger.info("on the CPU: %s", "; ".join(said))
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def load_pipeline(cfg: GenerateConfig, device: str | None = None) -> DiffusionPipeline:
+    """Load `cfg.model` through `DiffusionPipeline.from_pretrained` and apply the settings' levers.
+
+    device: where this copy runs, instead of cfg.device (one worker of several, each on its own GPU).
+    """
     from diffusers import DiffusionPipeline
 
     source = resolve_model_source(cfg.model)
-    device = resolve_device(cfg.device)
+    device = resolve_device(device or cfg.device)
+    cfg = settings_for_device(cfg, device)
     dtype = resolve_dtype(cfg.dtype, device)
     index = _model_index(source)
-    kwargs: dict = {DTYPE_ARGUMENT: dtype}
-    if "safety_checker" in index and not cfg.safety_checker:
+    kwargs: dict = {DTYPE_ARGUMENT: dtype, **absent_components(source, index)}
+    if cfg.safety_checker:
+        check_safety_checker_parts(source, index)
+    elif "safety_checker" in index:
         kwargs.update(safety_checker=None, requires_safety_checker=False)  # also skips loading its weights
     logger.info("loading %s (%s) on %s as %s", source, index.get("_class_name", "?"), device, dtype)
     if not logger.isEnabledFor(logging.DEBUG):
@@ -82,6 +107,7 @@ def load_pipeline(cfg: GenerateConfig) -> DiffusionPipeline:
 
 def prepare_pipeline(pipe: DiffusionPipeline, cfg: GenerateConfig, device: torch.device) -> DiffusionPipeline:
     """Move to the device and apply scheduler, channels_last, compile and safety-checker settings."""
+    cfg = settings_for_device(cfg, device)
     checker = getattr(pipe, "safety_checker", None)
     if checker is not None:
         pipe.safety_checker = None  # the pipeline would blacken flagged images; we only flag them
@@ -96,8 +122,8 @@ def prepare_pipeline(pipe: DiffusionPipeline, cfg: GenerateConfig, device: torch
     if cfg.channels_last and denoiser is not None:
         denoiser.to(memory_format=torch.channels_last)
     if cfg.compile and denoiser is not None:
-        # In place; fullgraph off. The batch size and resolution stay fixed (images.py pads the last
-        # batch), so it compiles once.
+        # In place; fullgraph off. The resolution is fixed; a run's one short batch (the end of a shard or of
+        # the run) costs one more compile, after which the batch dimension is dynamic.
         denoiser.compile(fullgraph=False)
     pipe.set_progress_bar_config(disable=True)  # we draw one bar over all images ourselves
     if denoiser is not None:
@@ -128,6 +154,41 @@ def _model_index(source: str) -> dict:
         return dict(DiffusionPipeline.load_config(source, local_files_only=True))
     except OSError:
         return {}  # not cached: from_pretrained downloads it if the hub can be reached
+
+
+def absent_components(source: str, index: dict) -> dict[str, None]:
+    """Optional components (feature_extractor, safety_checker, ...) that model_index.json lists but the local
+    folder lacks, as None: partial copies of a pipeline then load instead of failing on the missing folder."""
+    import diffusers
+
+    folder = Path(source)
+    pipeline_class = getattr(diffusers, str(index.get("_class_name")), None)
+    optional = getattr(pipeline_class, "_optional_components", [])
+    if not folder.is_dir():
+        return {}
+    return {name: None for name in optional if name in index and not (folder / name).is_dir()}
+
+
+def check_safety_checker_parts(source: str, index: dict) -> None:
+    """safety_checker=true needs the checker and the feature extractor it sees the images through."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return  # a hub id: its index says what it has (prepare_pipeline warns when there is no checker)
+    if not (_listed(index, "safety_checker") and (folder / "safety_checker").is_dir()):
+        raise FileNotFoundError(
+            f"safety_checker=true: {folder} has no safety checker (no safety_checker/ folder, or model_index.json "
+            f"lists none); set safety_checker: false, or use a pipeline folder that has one"
+        )
+    if not (_listed(index, "feature_extractor") and (folder / "feature_extractor").is_dir()):
+        raise FileNotFoundError(
+            f"safety_checker=true: {folder} has no feature_extractor/, which the safety checker needs to see the "
+            f"images; copy it from the original pipeline, or set safety_checker: false"
+        )
+
+
+def _listed(index: dict, name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, (list, tuple)) and any(part is not None for part in entry)
 
 
 def _not_available(source: str, err: OSError) -> FileNotFoundError:

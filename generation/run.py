@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,8 @@ from tqdm import tqdm
 
 from generation.config import GenerateConfig
 from generation.images import generate_batch, image_seed, resize_for_storage
-from generation.pipeline import load_pipeline
+from generation.pipeline import load_pipeline, resolve_model_source
+from generation.workers import cached_pipeline, generate_on_cluster, this_worker_device, worker_devices
 from parclean import stop
 from parclean.config import to_dict, write_resolved
 from parclean.outputs import output_lock
@@ -53,31 +55,45 @@ def shard_plan(cfg: GenerateConfig, captions: list[Caption] | None = None) -> li
     return [captions[start : start + cfg.shard_size] for start in range(0, len(captions), cfg.shard_size)]
 
 
-def generate_shards(cfg: GenerateConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
-    """Generate every shard that is not complete, then the manifest; return a small summary."""
+def generate_shards(cfg: GenerateConfig, out_dir: str | Path, *, progress: bool = True,
+                    devices: str | Sequence[str] = "auto", dask_address: str | None = None) -> dict:
+    """Generate every shard that is not complete, then the manifest; return a small summary.
+
+    devices: one worker per entry; "auto" is every visible GPU (or cfg.device). Several run as local Dask
+    worker processes. dask_address: run the shards on that Dask cluster instead (one worker per GPU).
+    """
     with output_lock(out_dir, f"parclean generate --out {out_dir}"):
-        return _generate_shards(cfg, Path(out_dir), progress)
+        return _generate_shards(cfg, Path(out_dir), progress, worker_devices(cfg.device, devices), dask_address)
 
 
-def _generate_shards(cfg: GenerateConfig, out_dir: Path, progress: bool) -> dict:
+def _generate_shards(cfg: GenerateConfig, out_dir: Path, progress: bool, devices: list[str],
+                     dask_address: str | None) -> dict:
     check_output_folder(cfg, out_dir)
     plan = shard_plan(cfg)
     digest = config_sha256(cfg)
     todo = [i for i, caps in enumerate(plan) if not shard_is_complete(out_dir, cfg.name, i, len(caps), digest)]
+    in_process = len(devices) == 1 and dask_address is None
     # Loaded only when some shard needs work, and before anything is written, so a bad model writes nothing.
-    pipe = load_pipeline(cfg) if todo else None
+    pipe = load_pipeline(cfg, device=devices[0]) if todo and in_process else None
+    if todo and not in_process:
+        resolve_model_source(cfg.model)  # workers load their own copies: the path is checked here first
     record_config(cfg, out_dir)
     logger.info("%s: %d of %d shards to generate", out_dir, len(todo), len(plan))
     images = sum(len(plan[i]) for i in todo)
     bar = tqdm(total=images, unit="img", desc="generate", disable=not (progress and _is_main_process()))
     start = time.perf_counter()
-    records = {}
-    for index in todo:
-        records[index] = generate_shard(cfg, out_dir, index, plan[index], pipe, progress=bar)
+    if in_process:
+        records = {index: generate_shard(cfg, out_dir, index, plan[index], pipe, progress=bar) for index in todo}
+    else:
+        shards = [(i, plan[i]) for i in todo]
+        records = generate_on_cluster(generate_shard_on_worker, cfg, out_dir, shards, devices=devices,
+                                      address=dask_address, done=bar.update) if todo else {}
     bar.close()
     seconds = time.perf_counter() - start
     manifest = write_set_manifest(cfg, out_dir, len(plan), records)
-    return run_summary(cfg, out_dir, manifest, shards=len(plan), written=len(todo), images=images, seconds=seconds)
+    summary = run_summary(cfg, out_dir, manifest, shards=len(plan), written=len(todo), images=images,
+                          seconds=seconds)
+    return {**summary, "workers": dask_address or devices}
 
 
 def run_summary(cfg: GenerateConfig, out_dir: str | Path, manifest: str | Path, *, shards: int, written: int,
@@ -146,6 +162,14 @@ def generate_shard(
         seconds=seconds,
         config_sha256=config_sha256(cfg),
     )
+
+
+def generate_shard_on_worker(cfg: GenerateConfig, out_dir: str, index: int, captions: list[Caption],
+                             devices: Sequence[str] | None) -> ShardRecord:
+    """One shard on this Dask worker's device (worker i of a local cluster: devices[i]), with its pipeline."""
+    pipe, lock = cached_pipeline(cfg, this_worker_device(devices))
+    with lock:
+        return generate_shard(cfg, out_dir, index, captions, pipe)
 
 
 def write_set_manifest(

@@ -247,6 +247,21 @@ def test_dask_workers_write_the_same_shards_as_the_local_runner(finished_set: di
     assert read_manifest(out)["shards"] == read_manifest(finished_set["out"])["shards"]
 
 
+@pytest.mark.slow
+def test_local_runner_with_two_devices_runs_one_worker_each_and_writes_the_same_shards(finished_set: dict,
+                                                                                      tiny_sd_dir: Path,
+                                                                                      tmp_path: Path) -> None:
+    out = tmp_path / "two-devices"
+    state = generate_shards_flow(generate_settings(tiny_sd_dir), str(out), devices=["cpu", "cpu"],
+                                 return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["shards_written"] == 3
+    assert shard_files(out).keys() == finished_set["files"].keys()
+    assert {name: sha for name, (sha, _) in shard_files(out).items()} == \
+        {name: sha for name, (sha, _) in finished_set["files"].items()}
+    assert read_manifest(out)["shards"] == read_manifest(finished_set["out"])["shards"]
+
+
 # ------------------------------------------------------------------------------------------ clean flow
 
 

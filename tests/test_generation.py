@@ -151,6 +151,61 @@ def test_safety_checker_flags_images_but_keeps_them(tiny_sd_dir, tiny_pipe, tmp_
     assert generate_batch(pipe, CAPTIONS, [1, 2, 3], cfg).nsfw == [False, False, False]
 
 
+def test_a_folder_without_feature_extractor_loads(tiny_sd_dir, tmp_path):
+    model = save_pipeline_with_safety_checker(tiny_sd_dir, tmp_path / "model")
+    shutil.rmtree(model / "feature_extractor")  # still listed in model_index.json, as in partial copies
+    shutil.rmtree(model / "safety_checker")
+    pipe = load_pipeline(tiny_config(model))
+    assert pipe.feature_extractor is None and pipe.safety_checker is None
+    assert len(generate_batch(pipe, CAPTIONS[:1], [1], tiny_config(model)).images) == 1
+
+
+def test_safety_checker_asked_for_but_absent_names_the_checker_and_the_folder(tiny_sd_dir, tmp_path):
+    model = save_pipeline_with_safety_checker(tiny_sd_dir, tmp_path / "model")
+    shutil.rmtree(model / "safety_checker")
+    named = rf"safety_checker=true: {model} has no safety checker.*safety_checker/"
+    with pytest.raises(FileNotFoundError, match=named):
+        load_pipeline(tiny_config(model, safety_checker=True))
+    with pytest.raises(FileNotFoundError, match=rf"safety_checker=true: {tiny_sd_dir} has no safety checker"):
+        load_pipeline(tiny_config(tiny_sd_dir, safety_checker=True))  # none saved: model_index.json says null
+    model = save_pipeline_with_safety_checker(tiny_sd_dir, tmp_path / "model2")
+    shutil.rmtree(model / "feature_extractor")
+    with pytest.raises(FileNotFoundError, match=rf"{model} has no feature_extractor/.*the safety checker needs"):
+        load_pipeline(tiny_config(model, safety_checker=True))
+
+
+def test_the_gpu_recipe_on_a_cpu_runs_in_fp32_without_compile_and_says_so_once(tiny_sd_dir, caplog):
+    cfg = tiny_config(tiny_sd_dir, device="cpu", dtype="fp16", compile=True)
+    with caplog.at_level("INFO", logger="generation.pipeline"):
+        pipe = load_pipeline(cfg)
+    assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
+    assert getattr(pipe.unet, "_compiled_call_impl", None) is None  # nn.Module.compile() sets it
+    said = [r.getMessage() for r in caplog.records if "on the CPU" in r.getMessage()]
+    assert len(said) == 1 and "fp32" in said[0] and "compile off" in said[0], said
+    assert len(generate_batch(pipe, CAPTIONS[:1], [1], cfg).images) == 1
+
+
+@pytest.mark.parametrize(("num_samples", "shard_size", "batch_size"), [(3, 4, 8), (10, 4, 3)])
+def test_no_image_is_generated_beyond_the_captions(tiny_sd_dir, tmp_path, num_samples, shard_size, batch_size):
+    cfg = tiny_config(tiny_sd_dir, num_samples=num_samples, shard_size=shard_size, batch_size=batch_size)
+    pipe = load_pipeline(cfg)
+    rows = []  # the UNet's batch rows per call: two per image (classifier-free guidance)
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        generate_shards_with(pipe, cfg, tmp_path)
+    finally:
+        hook.remove()
+    assert sum(rows) == 2 * num_samples * cfg.steps
+    assert max(rows) <= 2 * min(batch_size, num_samples)
+
+
+def generate_shards_with(pipe, cfg: GenerateConfig, out: Path) -> None:
+    from generation.run import generate_shard, shard_plan
+
+    for index, captions in enumerate(shard_plan(cfg)):
+        generate_shard(cfg, out, index, captions, pipe)
+
+
 # ------------------------------------------------------------------------------------------ shard sets
 
 
