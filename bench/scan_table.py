@@ -13,6 +13,7 @@ false-positive rates replace the part of the doc between its table markers.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import sys
@@ -74,10 +75,20 @@ def scan_row(model: ScannedModel, seed: int, eval_count: int, sha: str) -> dict:
         truth = card["target"]
         eval_cfg = EvalConfig(count=eval_count, target=truth, triggers=(Trigger(**card["trigger"]),))
         asr = next(iter(measure(loaded, eval_cfg, data)["asr"].values()))
-    return {"key": f"{model.name}/seed{seed}", "sha": sha, "name": model.name, "kind": model.kind, "seed": seed,
-            "true_target": truth, "asr": None if asr is None else round(asr, 1),
+    return {"key": f"{model.name}/seed{seed}", "sha": sha, "method": scan_method(), "name": model.name,
+            "kind": model.kind, "seed": seed, "true_target": truth, "asr": None if asr is None else round(asr, 1),
             "suspicious": result["suspicious"], "target": result["target"], "score": result["score"],
             "form": result["form"], "most_anomalous": result["most_anomalous"], "seconds": round(seconds, 1)}
+
+
+def scan_method() -> str:
+    """The scan's forms and default settings: a row made by another version of the scan is measured again."""
+    from dataclasses import asdict
+
+    from cleaning.scan import FORMS, ScanConfig
+
+    settings = {k: v for k, v in asdict(ScanConfig()).items() if k != "seed"}
+    return hashlib.sha256(json.dumps([FORMS, settings], sort_keys=True).encode()).hexdigest()[:12]
 
 
 def correct(row: dict) -> bool:
@@ -91,7 +102,8 @@ def run(cfg: TableConfig, jobs: int) -> list[dict]:
     rows_path = Path(cfg.rows)
     shas = {m.name: weights_sha(m.path) for m in cfg.models}
     lines = rows_path.read_text().splitlines() if rows_path.is_file() else []
-    done = {r["key"]: r for r in map(json.loads, filter(str.strip, lines)) if r["sha"] == shas.get(r["name"])}
+    done = {r["key"]: r for r in map(json.loads, filter(str.strip, lines))
+            if r["sha"] == shas.get(r["name"]) and r.get("method") == scan_method()}
     todo = [(m, s) for m in cfg.models for s in cfg.seeds if f"{m.name}/seed{s}" not in done]
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(scan_row, m, s, cfg.eval_count, shas[m.name]) for m, s in todo]
