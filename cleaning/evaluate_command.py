@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from parclean.command import add_config_options, set_overrides
@@ -22,18 +23,27 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_and_eval(args: argparse.Namespace):
-    """(the loaded model, the EvalConfig) named by add_model_arguments' options."""
+    """(the loaded model, the EvalConfig) named by add_model_arguments' options; a config that names no eval data
+    gets the toy world for a toy model, and is refused for a real CLIP architecture."""
     from cleaning.report import EvalConfig
+    from parclean.eval_sets import default_eval_set
     from parclean.models import load_model
 
-    cfg = load_config(EvalConfig, args.config, set_overrides(args))
+    overrides = set_overrides(args)
+    if getattr(args, "device", None):
+        overrides["device"] = args.device
+    cfg = load_config(EvalConfig, args.config, overrides)
     if args.pretrained:
-        return load_model(args.model, pretrained=args.pretrained), cfg
-    return load_model(args.architecture, weights=args.model), cfg
+        loaded = load_model(args.model, pretrained=args.pretrained)
+    else:
+        loaded = load_model(args.architecture, weights=args.model)
+    return loaded, replace(cfg, data=cfg.data or default_eval_set(loaded.architecture))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    parser.add_argument("--device", help="auto (the GPU when there is one; the default), cpu, cuda or cuda:N "
+                        "(the eval config's device)")
     parser.add_argument("--out", type=Path, help="also write the result JSON here")
     parser.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an evaluate result")
 

@@ -8,68 +8,82 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from parclean.attacks import Trigger
-from parclean.eval_sets import describe_registered, eval_set_names, load_eval_set
-from parclean.evaluate import DEFAULT_TEMPLATES, LabelledImages, evaluate
+from parclean.eval_sets import TOY_WORLD, default_eval_set, describe_registered, eval_set_names, load_eval_set
+from parclean.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_TEMPLATES, DEVICES, EvalData, LabelledImages, evaluate
+from parclean.image_folder import image_folder
+from parclean.imagenet import CLASSNAME_SETS, TEMPLATE_SETS, imagenet_classnames, named_templates
 from parclean.models import LoadedModel
 
 logger = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Where the labelled images come from, which classes and prompts, and which triggers to test."""
+    """Where the labelled images come from, which classes and prompts, which triggers to test, and where to run.
 
-    data: str = "toyworld"  # a named eval set (parclean/eval_sets.py; "toyworld": the organism's) or an
-                            # ImageFolder path (class/img.jpg)
-    count: int = 2000  # images to use (toyworld: how many to render; folder: at most this many)
-    classnames: tuple[str, ...] | None = None  # None: the toy classes, or the folder's sub-folder names
-    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    docs/evaluation.md describes every key, with an ImageFolder (ImageNet) example.
+    """
+
+    data: str | None = None  # an ImageFolder path (CLASS/IMAGE files) or a named eval set (parclean/eval_sets.py;
+                             # "toyworld": the organism's). None: the toy world, for toy models only
+    count: int = 2000  # images to use (toyworld: how many to render; folder: at most this many, a seeded choice)
+    classnames: str | tuple[str, ...] | None = None  # None: the set's own (folder names; WordNet ids -> ImageNet
+                                                     # names), "imagenet", or one name per class folder
+    templates: str | tuple[str, ...] = DEFAULT_TEMPLATES  # format strings with {}, or "openai" / "simple"
     target: str | None = None  # the backdoor's target class, when known (needed for ASR)
     triggers: tuple[Trigger, ...] = ()
     seed: int = 0
+    batch_size: int = DEFAULT_BATCH_SIZE  # images per forward pass (and per decoded batch)
+    device: str = "auto"  # auto (the GPU when there is one), cpu, cuda, cuda:N
+    num_workers: int = 4  # ImageFolder: DataLoader processes that decode images
+
+    def __post_init__(self) -> None:
+        if isinstance(self.classnames, str) and self.classnames not in CLASSNAME_SETS:
+            raise ValueError(f"classnames: {self.classnames!r}: use {', '.join(CLASSNAME_SETS)}, or a list of names")
+        if isinstance(self.templates, str) and self.templates not in TEMPLATE_SETS:
+            raise ValueError(f"templates: {self.templates!r}: use {' or '.join(TEMPLATE_SETS)}, or a list of "
+                             "strings with {}")
+        if self.device.split(":")[0] not in DEVICES:
+            raise ValueError(f"device: {self.device!r}: use {', '.join(DEVICES)} or cuda:N")
+        if self.count < 1 or self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError("count and batch_size must be at least 1, num_workers at least 0")
+
+    def template_strings(self) -> tuple[str, ...]:
+        """The templates as format strings (a named set expanded)."""
+        return named_templates(self.templates) if isinstance(self.templates, str) else self.templates
+
+
+def open_eval_data(cfg: EvalConfig, image_size: int, architecture: str | None = None) -> EvalData:
+    """The labelled evaluation images at the model's input size, in [0, 1], read in batches.
+
+    architecture: the model's, to choose the default eval set (the toy world, for toy models only); None takes
+    the toy world.
+    """
+    name = cfg.data or (default_eval_set(architecture) if architecture else TOY_WORLD)
+    if name in eval_set_names():
+        data = load_eval_set(name, cfg.count, image_size)
+        return replace(data, classnames=_named_classnames(cfg.classnames)) if cfg.classnames else data
+    if not Path(name).is_dir():
+        raise FileNotFoundError(f"{name}: evaluation image folder not found (expected CLASS/IMAGE files, or the "
+                                f"name of an eval set; {describe_registered()})")
+    return image_folder(name, image_size, count=cfg.count, seed=cfg.seed, classnames=cfg.classnames,
+                        num_workers=cfg.num_workers)
 
 
 def load_images(cfg: EvalConfig, image_size: int) -> LabelledImages:
-    """The labelled evaluation images at the model's input size, in [0, 1]."""
-    if cfg.data in eval_set_names():
-        data = load_eval_set(cfg.data, cfg.count, image_size)
-        return replace(data, classnames=cfg.classnames) if cfg.classnames else data
-    return _image_folder(Path(cfg.data), cfg, image_size)
+    """The labelled evaluation images held in memory (for the scan; measure() streams them)."""
+    data = open_eval_data(cfg, image_size)
+    if isinstance(data, LabelledImages):
+        return data
+    images, labels = zip(*data.batches(cfg.batch_size), strict=True)
+    return LabelledImages(torch.cat(images), torch.cat(labels), data.classnames)
 
 
-def _image_folder(root: Path, cfg: EvalConfig, image_size: int) -> LabelledImages:
-    from PIL import Image
-    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize, ToTensor
-
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: evaluation image folder not found (expected CLASS/IMAGE files, or the "
-                                f"name of an eval set; {describe_registered()})")
-    folders = sorted(d for d in root.iterdir() if d.is_dir())
-    if not folders:
-        raise ValueError(f"{root}: no class sub-folders (expected CLASS/IMAGE files)")
-    classnames = cfg.classnames or tuple(d.name.replace("_", " ") for d in folders)
-    if len(classnames) != len(folders):
-        raise ValueError(f"{root}: {len(folders)} class folders but {len(classnames)} class names in the config")
-    files = [(f, i) for i, d in enumerate(folders) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-    rng = np.random.default_rng(cfg.seed)
-    chosen = sorted(rng.permutation(len(files))[: cfg.count]) if len(files) > cfg.count else range(len(files))
-    transform = Compose([Resize(image_size, interpolation=InterpolationMode.BICUBIC), CenterCrop(image_size),
-                         ToTensor()])
-    images, labels = [], []
-    for index in chosen:
-        path, label = files[index]
-        try:
-            with Image.open(path) as img:
-                images.append(transform(img.convert("RGB")))
-        except OSError as err:
-            raise ValueError(f"{path}: unreadable image ({err})") from None
-        labels.append(label)
-    return LabelledImages(torch.stack(images), torch.tensor(labels), classnames)
+def _named_classnames(classnames: str | tuple[str, ...]) -> tuple[str, ...]:
+    return imagenet_classnames() if classnames == "imagenet" else classnames
 
 
 def named_triggers(triggers: tuple[Trigger, ...]) -> dict[str, Trigger]:
@@ -84,13 +98,14 @@ def named_triggers(triggers: tuple[Trigger, ...]) -> dict[str, Trigger]:
     return names
 
 
-def measure(loaded: LoadedModel, cfg: EvalConfig, data: LabelledImages | None = None) -> dict[str, Any]:
-    """{"clean_acc": %, "asr": {trigger: %}} for one model."""
-    data = data if data is not None else load_images(cfg, loaded.image_size)
-    raw = evaluate(loaded, data, named_triggers(cfg.triggers), cfg.target, cfg.templates, cfg.seed)
+def measure(loaded: LoadedModel, cfg: EvalConfig, data: EvalData | None = None) -> dict[str, Any]:
+    """{"clean_acc": %, "asr": {trigger: %}} for one model, on cfg.device (the GPU when there is one)."""
+    data = data if data is not None else open_eval_data(cfg, loaded.image_size, loaded.architecture)
+    raw = evaluate(loaded, data, named_triggers(cfg.triggers), cfg.target, cfg.template_strings(), cfg.seed,
+                   batch_size=cfg.batch_size, device=cfg.device)
     return {"clean_acc": raw["clean_acc"],
             "asr": {k.removeprefix("asr_"): v for k, v in raw.items() if k.startswith("asr_")},
-            "eval_images": len(data.labels), "chance_acc": 100 / len(data.classnames)}
+            "eval_images": len(data), "chance_acc": 100 / len(data.classnames)}
 
 
 @dataclass

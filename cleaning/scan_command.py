@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     scan_cfg = ScanConfig(threshold=args.threshold, seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     loaded, eval_cfg = model_and_eval(args)
     start = time.perf_counter()
-    result = scan(loaded, load_images(eval_cfg, loaded.image_size), scan_cfg, eval_cfg.templates)
+    result = scan(loaded, load_images(eval_cfg, loaded.image_size), scan_cfg, eval_cfg.template_strings())
     result["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result) if args.json else table(args.model, result))
     return 0

@@ -59,7 +59,7 @@ def scan_task(model: str, eval_cfg: EvalConfig, scan_cfg: ScanConfig, label: str
 
     loaded = load_source(model, architecture=architecture, pretrained=pretrained)
     start = time.perf_counter()
-    result = scan(loaded, load_images(eval_cfg, loaded.image_size), scan_cfg, eval_cfg.templates)
+    result = scan(loaded, load_images(eval_cfg, loaded.image_size), scan_cfg, eval_cfg.template_strings())
     result["seconds"] = round(time.perf_counter() - start, 3)
     logger.info("scan %s: %s", label, verdict_text(result))
     return result

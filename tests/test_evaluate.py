@@ -1,6 +1,10 @@
-"""Clean accuracy and ASR on a hand-built case whose answers are known: a model that sees the mean colour."""
+"""Clean accuracy and ASR: a hand-built case whose answers are known (a model that sees the mean colour), and
+ImageFolder sets streamed a batch at a time, on the GPU when there is one."""
 
 from __future__ import annotations
+
+import gc
+from dataclasses import replace
 
 import numpy as np
 import PIL.Image
@@ -46,3 +50,99 @@ def test_clean_accuracy_and_asr_count_what_they_should(tmp_path):
     # 4 of 5 right; of the 4 triggered images not of the target class, 1 is called blue (the blue image itself,
     # called blue with or without the trigger, does not count).
     assert result == pytest.approx({"clean_acc": 80.0, "asr_patch": 25.0})
+
+
+def write_image_folder(root, per_class: dict[str, int], size: int = 40):
+    """ROOT/CLASS/i.png: random-noise PNGs (seeded), `per_class[CLASS]` of them; returns root."""
+    rng = np.random.default_rng(0)
+    for name, count in per_class.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            PIL.Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def live_images(size: int) -> int:
+    """How many (3, size, size) images all live tensors of this process hold."""
+    return sum(t.numel() // (3 * size * size) for t in gc.get_objects()
+               if issubclass(type(t), torch.Tensor) and t.dim() >= 3 and tuple(t.shape[-3:]) == (3, size, size))
+
+
+class DecodeWatcher(torch.utils.data.Dataset):
+    """A dataset that decodes through `inner` and, at the start of every batch, counts the images held in memory."""
+
+    def __init__(self, inner, batch_size: int, size: int) -> None:
+        self.inner, self.batch_size, self.size = inner, batch_size, size
+        self.baseline, self.peak = live_images(size), 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int):
+        if index % self.batch_size == 0:
+            self.peak = max(self.peak, live_images(self.size) - self.baseline)
+        return self.inner[index]
+
+
+def test_an_image_folder_is_evaluated_a_batch_at_a_time_triggered_copies_included(tmp_path, tiny_clip_path):
+    from cleaning.report import EvalConfig, measure, open_eval_data
+    from parclean.models import load_model
+
+    loaded = load_model(weights=tiny_clip_path)
+    folder = write_image_folder(tmp_path / "set", {"cat": 32, "dog": 32, "fish": 32})
+    cfg = EvalConfig(data=str(folder), count=96, target="fish", triggers=(Trigger(kind="badnet"),), batch_size=8,
+                     num_workers=0, device="cpu")
+    data = open_eval_data(cfg, loaded.image_size)
+    watcher = DecodeWatcher(data.dataset, cfg.batch_size, loaded.image_size)
+    result = measure(loaded, cfg, replace(data, dataset=watcher))
+    assert result["eval_images"] == 96 and set(result["asr"]) == {"badnet"}
+    # In memory, the set and its triggered copies were 96 + 64 images. Streamed, what is alive when a batch starts
+    # is a few batches whatever the set's size (the last one, its triggered copy in normalize's one-entry cache
+    # with its normalised output): at most 4.
+    assert 0 < watcher.peak <= 4 * cfg.batch_size
+
+
+def test_an_image_folder_streamed_through_loader_workers_scores_what_it_scores_in_memory(tmp_path, tiny_clip_path):
+    from cleaning.report import EvalConfig, load_images, measure
+    from parclean.models import load_model
+
+    loaded = load_model(weights=tiny_clip_path)
+    folder = write_image_folder(tmp_path / "set", {"cat": 9, "dog": 7, "fish": 8})
+    cfg = EvalConfig(data=str(folder), count=24, target="dog", triggers=(Trigger(kind="blended"),), batch_size=5,
+                     num_workers=2, device="cpu")
+    in_memory = load_images(cfg, loaded.image_size)
+    assert in_memory.images.shape == (24, 3, 32, 32) and in_memory.labels.tolist() == [0] * 9 + [1] * 7 + [2] * 8
+    assert measure(loaded, cfg) == measure(loaded, cfg, in_memory)
+
+
+def test_a_device_that_is_not_there_is_refused_in_one_line():
+    from cleaning.report import EvalConfig
+    from parclean.config import ConfigError, load_config
+    from parclean.evaluate import resolve_device
+
+    with pytest.raises(ConfigError, match="device: 'gpu': use auto, cpu, cuda or cuda:N"):
+        load_config(EvalConfig, {"device": "gpu"})
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_evaluation_runs_on_the_gpu_when_there_is_one_and_scores_what_the_cpu_scores():
+    from pathlib import Path
+
+    from cleaning.report import EvalConfig, measure
+    from parclean.models import load_model
+
+    organism = Path(__file__).resolve().parents[1] / "toyworld" / "models" / "v2" / "clip-badnet"
+    loaded = load_model(weights=organism)
+    seen = []
+    loaded.model.visual.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].device.type))
+    cfg = EvalConfig(data="toyworld", count=400, target="moon",
+                     triggers=(Trigger(kind="badnet", patch_size=8, location="bottom_right", fixed=True, seed=11),))
+    on_gpu = measure(loaded, cfg)
+    assert set(seen) == {"cuda"} and next(loaded.model.parameters()).device.type == "cpu"  # moved back after
+    on_cpu = measure(loaded, replace(cfg, device="cpu"))
+    assert on_gpu["clean_acc"] == pytest.approx(on_cpu["clean_acc"], abs=0.5)
+    assert on_gpu["asr"]["badnet"] == pytest.approx(on_cpu["asr"]["badnet"], abs=0.5)
