@@ -20,7 +20,7 @@ from flows.config import PipelineConfig, TinySDConfig
 from flows.pipeline import shard_set_folder
 from generation.config import GenerateConfig
 from generation.pipeline import HUB_ID
-from parclean.eval_sets import describe_registered, eval_set_names
+from parclean.eval_sets import default_eval_set, describe_registered, eval_set_names
 from parclean.outputs import claim_folder, kinds_in
 from parclean.paths import looked_for
 from parclean.shards import MANIFEST_NAME
@@ -43,17 +43,18 @@ def preflight(cfg: PipelineConfig, *, overwrite: bool = False) -> list[str]:
 
 def check_inputs(cfg: PipelineConfig) -> list[str]:
     """The CLIP checkpoint, the generator, the prompt bank, the eval set and the triggers."""
-    clip, image_size = check_clip(cfg.model, cfg.architecture, cfg.pretrained)
+    clip, image_size, architecture = check_clip(cfg.model, cfg.architecture, cfg.pretrained)
     return [f"CLIP model: {clip}",
             f"generator: {check_generator(cfg.generate, cfg.tiny_sd)}",
             f"prompt bank: {check_bank(cfg.generate)}",
-            f"eval set: {check_eval_set(cfg.eval, image_size)}",
+            f"eval set: {check_eval_set(with_eval_data(cfg.eval, architecture), image_size)}",
             f"triggers: {check_triggers(cfg.eval, image_size)}"]
 
 
-def check_clip(model: str, architecture: str | None = None, pretrained: str | None = None) -> tuple[str, int]:
-    """(summary, image size) of a CLIP checkpoint in any form `clean` reads: an open_clip pretrained tag, a
-    safetensors file or folder (only its header is read), or a pickled state dict with `architecture`."""
+def check_clip(model: str, architecture: str | None = None,
+               pretrained: str | None = None) -> tuple[str, int, str]:
+    """(summary, image size, architecture) of a CLIP checkpoint in any form `clean` reads: an open_clip pretrained
+    tag, a safetensors file or folder (only its header is read), or a pickled state dict with `architecture`."""
     from parclean.models import TRANSFORMERS_PREFIXES, TRANSFORMERS_REFUSAL, checkpoint_file
 
     if pretrained is not None:
@@ -77,19 +78,20 @@ def check_clip(model: str, architecture: str | None = None, pretrained: str | No
         raise PreflightError(f"model: {path}: no visual.* tensors: not an open_clip CLIP state dict")
     config = _architecture_config(path, architecture, metadata.get("architecture_config"))
     image_size = _image_size(config)
-    return f"{path} ({architecture}, {parameters / 1e6:.1f}M parameters, {image_size} px)", image_size
+    return f"{path} ({architecture}, {parameters / 1e6:.1f}M parameters, {image_size} px)", image_size, architecture
 
 
-def _check_pickled(path: Path, architecture: str | None) -> tuple[str, int]:
+def _check_pickled(path: Path, architecture: str | None) -> tuple[str, int, str]:
     """An open_clip epoch_N.pt or a bare state dict: it names no architecture, so the config must."""
     if not architecture:
         raise PreflightError(f"model: {path}: a pickled checkpoint does not name its architecture; set "
                              "architecture: in the pipeline config (e.g. ViT-B-32)")
     image_size = _image_size(_architecture_config(path, architecture, None))
-    return f"{path} ({architecture}, pickled state dict, read with weights_only=True, {image_size} px)", image_size
+    summary = f"{path} ({architecture}, pickled state dict, read with weights_only=True, {image_size} px)"
+    return summary, image_size, architecture
 
 
-def _check_pretrained(architecture: str, tag: str) -> tuple[str, int]:
+def _check_pretrained(architecture: str, tag: str) -> tuple[str, int, str]:
     import open_clip
 
     config = _architecture_config(Path(architecture), architecture, None)
@@ -97,7 +99,8 @@ def _check_pretrained(architecture: str, tag: str) -> tuple[str, int]:
     if tag not in tags:
         raise PreflightError(f"pretrained: {architecture} has no pretrained tag {tag!r}; open_clip knows "
                              f"{', '.join(tags) or 'none'}")
-    return f"{architecture} pretrained={tag} (open_clip tag; weights from the hub or its cache)", _image_size(config)
+    summary = f"{architecture} pretrained={tag} (open_clip tag; weights from the hub or its cache)"
+    return summary, _image_size(config), architecture
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, str], int, list[str]]:
@@ -185,6 +188,17 @@ def check_bank(generate: GenerateConfig) -> str:
     except BankError as err:
         raise PreflightError(f"generate.bank: {err}") from None
     return f"{bank.name} ({bank.source}): {len(captions)} captions"
+
+
+def with_eval_data(cfg: EvalConfig, architecture: str) -> EvalConfig:
+    """The eval config with the data a run would use: the toy world for toy models, and a refusal for a real CLIP
+    whose config names no eval set."""
+    if cfg.data is not None:
+        return cfg
+    try:
+        return replace(cfg, data=default_eval_set(architecture))
+    except ValueError as err:
+        raise PreflightError(f"eval.data: {err}") from None
 
 
 def check_eval_set(cfg: EvalConfig, image_size: int) -> str:

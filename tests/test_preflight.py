@@ -90,6 +90,15 @@ def pickled_state_dict(tmp_path: Path, clip: Path) -> str:
     return str(tmp_path / "epoch_1.pt")
 
 
+def real_architecture_header(tmp_path: Path) -> str:
+    """A safetensors file whose metadata names a real open_clip architecture (the preflight reads headers only)."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"visual.proj": torch.zeros(2, 2)}, str(tmp_path / "vit.safetensors"), {"architecture": "ViT-S-32"})
+    return str(tmp_path / "vit.safetensors")
+
+
 def transformers_clip_folder(tmp_path: Path) -> str:
     import json
 
@@ -129,6 +138,9 @@ BAD_INPUTS = {
     "transformers CLIPModel folder": (lambda s, t, sd: s.update(model=transformers_clip_folder(t)),
                                       "model: TMP/hf-clip: a Hugging Face transformers CLIPModel checkpoint, which "
                                       "is not supported"),
+    "real CLIP without an eval set": (lambda s, t, sd: (s.update(model=real_architecture_header(t)),
+                                                        s["eval"].pop("data")),
+                                      "eval.data: ViT-S-32 is a real CLIP architecture and no eval data was chosen"),
     "missing generator": (lambda s, t, sd: s["generate"].update(model=str(t / "no-sd")),
                           "generate.model: diffusers pipeline folder TMP/no-sd not found"),
     "generator without unet": (lambda s, t, sd: s["generate"].update(model=generator_without_unet(t, sd)),
