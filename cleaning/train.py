@@ -452,6 +452,15 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _provenance_comments(start: dict[str, Any]) -> list[str]:
+    """config.yaml's header: what the run started from, by sha256 (start.json has the same, as JSON)."""
+    if "source" not in start:
+        return []
+    digest = f"sha256 {start['source_sha256']}" if start["source_sha256"] else f"pretrained {start['pretrained']}"
+    return [f"source: {start['source']} ({digest})", f"architecture: {start['architecture']}",
+            f"shards: {start['shards']} (manifest sha256 {start['manifest_sha256']})"]
+
+
 def _start_or_resume(accelerator: Accelerator, out: Path, cfg: CleanConfig, start: dict[str, Any],
                      scheduler: LambdaLR) -> int:
     """Write the resolved config and start.json (`start`: the starting weights' digest and, on the main process,
@@ -470,7 +479,7 @@ def _start_or_resume(accelerator: Accelerator, out: Path, cfg: CleanConfig, star
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_resolved(cfg, config_path)
+        write_resolved(cfg, config_path, _provenance_comments(start))
         start_path.write_text(json.dumps(start, indent=2) + "\n")
     if not found:
         if accelerator.is_main_process:

@@ -162,9 +162,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-def write_resolved(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config (YAML) beside an output."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def write_resolved(cfg: Any, path: str | Path, comments: list[str] | None = None) -> None:
+    """Write the resolved config (YAML) beside an output, after `comments` (a header the config loader ignores)."""
+    header = "".join(f"# {line}\n" for line in comments or []) + ("# ---\n" if comments else "")
+    Path(path).write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -420,6 +420,9 @@ def test_the_cleaned_model_records_its_source_and_shard_set_by_sha256(shards: st
     start = json.loads((tmp_path / "out" / "start.json").read_text())
     assert {key: start.get(key) for key in expected} == expected
     assert load_config(CleanConfig, tmp_path / "out" / "config.yaml").data.shards == expected["shards"]
+    header = (tmp_path / "out" / "config.yaml").read_text().split("\n# ---\n")[0]  # comments: still a recipe
+    assert f"# source: {expected['source']} (sha256 {expected['source_sha256']})" in header
+    assert f"# shards: {expected['shards']} (manifest sha256 {expected['manifest_sha256']})" in header
 
 
 def test_a_resume_reads_the_same_shard_set_however_its_path_is_written(shards: str, toy_shards, tiny_clip_path: Path,
