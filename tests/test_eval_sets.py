@@ -82,9 +82,11 @@ def test_an_eval_config_names_imagenet_classes_and_the_openai_templates(tmp_path
     templates = cfg.template_strings()
     assert len(templates) == 80 and templates[0] == "a bad photo of a {}." and all("{}" in t for t in templates)
     assert load_config(EvalConfig, {"templates": "simple"}).template_strings()[0] == "itap of a {}."
-    with pytest.raises(ConfigError, match=r"imagenet.yaml: templates: 'open_ai': use openai or simple"):
+    with pytest.raises(ConfigError,
+                       match=r"imagenet.yaml with override templates: templates: 'open_ai': use openai or simple"):
         load_config(EvalConfig, config, {"templates": "open_ai"})
-    with pytest.raises(ConfigError, match=r"imagenet.yaml: classnames: 'imagenet21k': use imagenet"):
+    with pytest.raises(ConfigError,
+                       match=r"imagenet.yaml with override classnames: classnames: 'imagenet21k': use imagenet"):
         load_config(EvalConfig, config, {"classnames": "imagenet21k"})
 
 
