@@ -73,7 +73,8 @@ def test_the_lock_goes_with_its_process_and_is_reentrant_within_one(tmp_path):
 
 
 @pytest.mark.parametrize("held", ["out", "shard set"])
-def test_a_pipeline_run_into_a_held_folder_fails_before_it_starts(held, tiny_clip_path, tmp_path, capsys):
+def test_a_pipeline_run_into_a_held_folder_fails_before_it_starts(held, tiny_clip_path, tiny_sd_dir, tmp_path,
+                                                                   capsys):
     import yaml
 
     from flows.config import PipelineConfig
@@ -81,7 +82,7 @@ def test_a_pipeline_run_into_a_held_folder_fails_before_it_starts(held, tiny_cli
     from parclean.config import load_config
 
     settings = {"model": str(tiny_clip_path), "out": str(tmp_path / "run"), "shard_cache": str(tmp_path / "cache"),
-                "generate": {"model": str(tmp_path / "sd"), "bank": "toyworld", "num_samples": 4}}
+                "generate": {"model": str(tiny_sd_dir), "bank": "toyworld", "num_samples": 4}}
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump(settings))
     folder = Path(settings["out"]) if held == "out" else shard_set_folder(load_config(PipelineConfig, config).generate,
@@ -169,7 +170,7 @@ def test_a_run_into_another_kind_of_output_is_refused_and_writes_nothing(command
     assert snapshot(out) == before
 
 
-def test_a_refused_pipeline_run_leaves_pipeline_yaml_alone(tiny_clip_path, tmp_path, capsys):
+def test_a_refused_pipeline_run_leaves_pipeline_yaml_alone(tiny_clip_path, tiny_sd_dir, tmp_path, capsys):
     import yaml
 
     from cleaning.train import CleanConfig
@@ -180,7 +181,7 @@ def test_a_refused_pipeline_run_leaves_pipeline_yaml_alone(tiny_clip_path, tmp_p
     write_resolved(CleanConfig(tau=1.0), out / "config.yaml")  # a run of another recipe, stopped at step 1
     (out / "pipeline.yaml").write_text("the earlier run's\n")
     settings = {"model": str(tiny_clip_path), "out": str(out), "shard_cache": str(tmp_path / "cache"),
-                "generate": {"model": str(tmp_path / "sd"), "bank": "toyworld", "num_samples": 4}}
+                "generate": {"model": str(tiny_sd_dir), "bank": "toyworld", "num_samples": 4}}
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump(settings))
     assert main(["run", "--config", str(config)]) == 2
