@@ -209,7 +209,7 @@ def check_eval_set(cfg: EvalConfig, image_size: int) -> str:
         raise PreflightError(f"eval.data: {cfg.data} is neither a registered eval set ({describe_registered()}) "
                              f"nor an image folder{looked_for(cfg.data)}")
     try:
-        classnames = load_images(replace(cfg, count=1), image_size).classnames
+        classnames = load_images(replace(cfg, count=1, num_workers=0), image_size).classnames
     except (OSError, ValueError) as err:
         raise PreflightError(f"eval.data: {err}") from None
     if cfg.target is not None and cfg.target not in classnames:
