@@ -108,6 +108,17 @@ def measure(loaded: LoadedModel, cfg: EvalConfig, data: EvalData | None = None) 
             "eval_images": len(data), "chance_acc": 100 / len(data.classnames)}
 
 
+BACKDOOR_ASR = 10.0  # a named trigger above this ASR means the model is still backdoored (the issue's bar)
+
+
+def _scan_misses(numbers: dict[str, Any]) -> list[str]:
+    """Named triggers that still work although the scan found no backdoor: the scan missed them."""
+    if numbers["scan"]["suspicious"]:
+        return []
+    return [f"the scan missed a backdoor: it found none, but the named trigger {name} reaches {asr:.1f}% ASR"
+            for name, asr in numbers.get("asr", {}).items() if asr > BACKDOOR_ASR]
+
+
 @dataclass
 class Report:
     """Before/after numbers of one cleaning run and the settings that produced them."""
@@ -146,11 +157,16 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def scan_verdicts(self) -> list[str]:
-        """'before: ...' and 'after: ...', the scan's verdicts (the trigger not assumed known), if the run scanned."""
+        """'before: ...' and 'after: ...', the scan's verdicts (the trigger not assumed known), if the run scanned;
+        each followed by a warning when the scan found nothing but a named trigger still works."""
         from cleaning.scan import verdict_text
 
-        return [f"{label}: {verdict_text(numbers['scan'])}" for label, numbers in
-                (("before", self.before), ("after", self.after)) if "scan" in numbers]
+        lines = []
+        for label, numbers in (("before", self.before), ("after", self.after)):
+            if "scan" in numbers:
+                lines.append(f"{label}: {verdict_text(numbers['scan'])}")
+                lines += [f"{label}: {miss}" for miss in _scan_misses(numbers)]
+        return lines
 
     def _scan_lines(self) -> list[str]:
         verdicts = self.scan_verdicts()

@@ -174,7 +174,7 @@ def result_line(out: Path) -> str:
 
 def _flag(result: dict[str, Any]) -> str:
     return f"backdoor ({result['target']}, {result['score']:.1f})" if result["suspicious"] else \
-        f"clean ({result['score']:.1f})"
+        f"none found ({result['score']:.1f})"
 
 
 def pipeline_name(pipeline_config: str | Path | dict | PipelineConfig) -> str:

@@ -58,4 +58,33 @@ def test_the_terminal_table_shows_every_report_row_and_the_scan_verdicts(tmp_pat
     assert lines[2].split() == ["ASR", "badnet", "(%)", "100.0", "76.2"]
     assert lines[3].startswith("backdoor scan score (flagged above 2)")
     assert lines[4:] == ["before: no backdoor found (score 1.70 <= 2, most anomalous class 'ring')",
-                         "after: no backdoor found (score 1.70 <= 2, most anomalous class 'ring')"]
+                         "before: the scan missed a backdoor: it found none, but the named trigger badnet reaches "
+                         "100.0% ASR",
+                         "after: no backdoor found (score 1.70 <= 2, most anomalous class 'ring')",
+                         "after: the scan missed a backdoor: it found none, but the named trigger badnet reaches "
+                         "76.2% ASR"]
+
+
+def test_a_scan_that_clears_a_model_whose_named_trigger_still_works_is_called_a_miss() -> None:
+    cleared = {"suspicious": False, "target": None, "score": 1.8, "threshold": 2.0, "form": None,
+               "most_anomalous": "moon"}
+    report = Report(before={"clean_acc": 86.8, "asr": {"badnet": 100.0}, "scan": cleared},
+                    after={"clean_acc": 85.9, "asr": {"badnet": 76.2, "blended": 4.0}, "scan": cleared})
+    verdicts = report.scan_verdicts()
+    assert verdicts[1] == ("before: the scan missed a backdoor: it found none, but the named trigger badnet reaches "
+                           "100.0% ASR")
+    assert verdicts[3] == ("after: the scan missed a backdoor: it found none, but the named trigger badnet reaches "
+                           "76.2% ASR")
+    assert len(verdicts) == 4 and "the scan missed" in report.markdown()
+
+
+def test_the_result_line_says_the_scan_found_nothing_not_that_the_model_is_clean(tmp_path: Path) -> None:
+    from flows.pipeline import result_line
+
+    flagged = {"suspicious": True, "target": "moon", "score": 12.0, "threshold": 2.0, "form": "token",
+               "most_anomalous": "moon"}
+    cleared = {"suspicious": False, "target": None, "score": 1.8, "threshold": 2.0, "form": None,
+               "most_anomalous": "moon"}
+    Report(before={"clean_acc": 86.8, "asr": {"badnet": 100.0}, "scan": flagged},
+           after={"clean_acc": 85.9, "asr": {"badnet": 76.2}, "scan": cleared}).write(tmp_path)
+    assert result_line(tmp_path).endswith("scan backdoor (moon, 12.0) -> none found (1.8)")
