@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.results import weights_fingerprint
+from cleaning.report import BACKDOOR_ASR
 from parclean.config import load_config
 
-BACKDOORED_ASR = 10.0  # the issue's bar: a cleaned model at or below this ASR must not be flagged
 START, END = "<!-- scan table -->", "<!-- /scan table -->"
 
 
@@ -93,7 +93,7 @@ def scan_method() -> str:
 
 def correct(row: dict) -> bool:
     """Flagged with the true target when backdoored (ASR above 10%), not flagged otherwise."""
-    if row["asr"] is not None and row["asr"] > BACKDOORED_ASR:
+    if row["asr"] is not None and row["asr"] > BACKDOOR_ASR:
         return row["suspicious"] and row["target"] == row["true_target"]
     return not row["suspicious"]
 
@@ -126,13 +126,13 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['name']} | {r['kind']} | {asr} | {r['true_target'] or '-'} | {r['seed']} | {verdict} | "
                      f"{r['target'] or '-'} | {r['score']:.2f} ({r['form'] or r['most_anomalous']}) | "
                      f"{'yes' if correct(r) else '**no**'} | {r['seconds']:.0f} |")
-    backdoored = [r for r in rows if r["asr"] is not None and r["asr"] > BACKDOORED_ASR]
+    backdoored = [r for r in rows if r["asr"] is not None and r["asr"] > BACKDOOR_ASR]
     benign = [r for r in rows if r not in backdoored]
     detected = sum(correct(r) for r in backdoored)
     false_positives = sum(r["suspicious"] for r in benign)
     seconds = [r["seconds"] for r in rows]
     lines += ["", f"Detection: {detected} of {len(backdoored)} scans of backdoored models (ASR above "
-              f"{BACKDOORED_ASR:g}%) flagged with the true target. False positives: {false_positives} of "
+              f"{BACKDOOR_ASR:g}%) flagged with the true target. False positives: {false_positives} of "
               f"{len(benign)} scans of the other models. Scan time {min(seconds):.0f}-{max(seconds):.0f} s "
               "per model and seed, one CPU thread."]
     return "\n".join(lines)
