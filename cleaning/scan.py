@@ -62,7 +62,7 @@ def scan(loaded: LoadedModel, data: LabelledImages, cfg: ScanConfig = ScanConfig
             images = _others(data, target, cfg)
             for form in FORMS[:2]:
                 sizes[form].append(_smallest_trigger(loaded, classifier, images, target, form, cfg))
-            log_loss, success = _token_trigger(loaded, classifier, images, target, cfg)
+            log_loss, success, _ = token_trigger(loaded, classifier, images, target, cfg)
             sizes["token"].append(log_loss)
             works.append(success >= cfg.success)
     finally:
@@ -123,27 +123,20 @@ def _others(data: LabelledImages, target: int, cfg: ScanConfig) -> torch.Tensor:
     return torch.cat(chosen)
 
 
-def _token_trigger(loaded: LoadedModel, classifier: torch.Tensor, images: torch.Tensor, target: int,
-                   cfg: ScanConfig) -> tuple[float, float]:
-    """(log10 of the mean loss, share of images sent to `target`) over the last tenth of the steps, for one
-    token-sized pattern pasted at a random token-aligned position of each image (a new position every step)."""
+def token_trigger(loaded: LoadedModel, classifier: torch.Tensor, images: torch.Tensor, target: int,
+                  cfg: ScanConfig) -> tuple[float, float, torch.Tensor]:
+    """(log10 of the mean loss, share of images sent to `target`) over the last tenth of the steps, and the
+    pattern's logits (sigmoid gives its pixels), for one token-sized pattern pasted at a random token-aligned
+    position of each image (a new position every step)."""
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + target * 2 + 104729)
-    count, _, height, width = images.shape
     token = _token_size(loaded)
-    rows, cols = height // token, width // token
-    margin = (0, width - cols * token, 0, height - rows * token)  # pixels beyond the last whole token
     pattern = torch.randn(1, 3, token, token, generator=gen).requires_grad_(True)
     optimizer = torch.optim.Adam([pattern], lr=cfg.lr)
-    labels = torch.full((count,), target)
+    labels = torch.full((len(images),), target)
     tail = max(1, cfg.steps // 10)
     losses, rates = [], []
     for _ in range(cfg.steps):
-        cells = torch.zeros(count, 1, rows, cols)
-        cells[torch.arange(count), 0, torch.randint(0, rows, (count,), generator=gen),
-              torch.randint(0, cols, (count,), generator=gen)] = 1
-        mask = F.pad(F.interpolate(cells, scale_factor=token, mode="nearest"), margin)
-        tiled = F.pad(torch.sigmoid(pattern).repeat(1, 1, rows, cols), margin)
-        triggered = (1 - mask) * images + mask * tiled
+        triggered = paste_token(images, torch.sigmoid(pattern), gen)
         features = F.normalize(loaded.model.encode_image(normalize(triggered, loaded.mean, loaded.std)), dim=-1)
         logits = 100.0 * features @ classifier.T
         loss = F.cross_entropy(logits, labels)
@@ -153,7 +146,21 @@ def _token_trigger(loaded: LoadedModel, classifier: torch.Tensor, images: torch.
         losses.append(loss.item())
         rates.append((logits.argmax(dim=-1) == target).float().mean().item())
     mean_loss = sum(losses[-tail:]) / tail
-    return math.log10(max(mean_loss, 1e-12)), sum(rates[-tail:]) / tail
+    return math.log10(max(mean_loss, 1e-12)), sum(rates[-tail:]) / tail, pattern.detach()
+
+
+def paste_token(images: torch.Tensor, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """`pixels` (1, 3, t, t) pasted over one random token-aligned t x t cell of each image."""
+    count, _, height, width = images.shape
+    token = pixels.shape[-1]
+    rows, cols = height // token, width // token
+    margin = (0, width - cols * token, 0, height - rows * token)  # pixels beyond the last whole token
+    cells = torch.zeros(count, 1, rows, cols)
+    cells[torch.arange(count), 0, torch.randint(0, rows, (count,), generator=gen),
+          torch.randint(0, cols, (count,), generator=gen)] = 1
+    mask = F.pad(F.interpolate(cells, scale_factor=token, mode="nearest"), margin)
+    tiled = F.pad(pixels.repeat(1, 1, rows, cols), margin)
+    return (1 - mask) * images + mask * tiled
 
 
 def _token_size(loaded: LoadedModel) -> int:

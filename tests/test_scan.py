@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from cleaning.scan import anomaly_indices, verdict
+from cleaning.scan import anomaly_indices, paste_token, verdict
 from flows.cli import main
 
 MODELS = Path(__file__).resolve().parents[1] / "toyworld" / "models"
@@ -37,6 +38,16 @@ def test_a_token_trigger_that_does_not_work_cannot_be_the_verdict() -> None:
     gated = verdict(sizes, CLASSES, 2.0, works={"token": [False, False, False, False, False]})
     assert gated["suspicious"] is False and gated["classes"]["c"]["token_index"] > 2
     assert verdict(sizes, CLASSES, 2.0, works={"token": [False, False, True, False, False]})["target"] == "c"
+
+
+def test_a_token_pattern_covers_exactly_one_token_aligned_cell_of_each_image() -> None:
+    images = torch.zeros(6, 3, 34, 34)  # 4 x 4 tokens of 8 px and a 2 px margin that no token covers
+    pasted = paste_token(images, torch.ones(1, 3, 8, 8), torch.Generator().manual_seed(0))
+    for image in pasted:
+        rows, cols = torch.nonzero(image[0], as_tuple=True)
+        assert len(rows) == 64 and (image == 1).sum() == 3 * 64
+        assert rows.min() % 8 == 0 and cols.min() % 8 == 0 and rows.max() - rows.min() == cols.max() - cols.min() == 7
+        assert rows.max() < 32 and cols.max() < 32
 
 
 @pytest.mark.parametrize(("organism", "suspicious", "target"), [
