@@ -54,11 +54,12 @@ class DataSet:
 
 @dataclass(frozen=True)
 class Sweep:
-    """PAR's trade-off: one organism and data set, every combination of the listed values."""
+    """The trade-off: one organism and data set, each method at every combination of the listed values (tau only
+    for the methods whose objective has one)."""
 
     organism: str = "clip-badnet"
     data: str = "real"
-    method: str = "PAR"
+    methods: tuple[str, ...] = ("PAR",)
     tau: tuple[float, ...] = ()
     steps: tuple[int, ...] = ()
     lr: tuple[float, ...] = ()
@@ -102,14 +103,22 @@ def cells(cfg: ResultsConfig) -> list[Cell]:
     sweep = []
     if cfg.sweep is not None:
         sw = cfg.sweep
-        base = recipe(cfg, sw.method, {})
-        for tau in sw.tau or (base.tau,):
-            for steps in sw.steps or (base.steps,):
-                for lr in sw.lr or (base.lr,):
-                    point = (("tau", tau), ("steps", steps), ("lr", lr))
-                    extra = tuple((k, v) for k, v in point if v != getattr(base, k))
-                    sweep += [Cell(sw.organism, sw.data, sw.method, s, extra) for s in sw.seeds]
+        for method in sw.methods:
+            base = recipe(cfg, method, {})
+            for tau in (sw.tau if perturbs(base) else ()) or (base.tau,):
+                for steps in sw.steps or (base.steps,):
+                    for lr in sw.lr or (base.lr,):
+                        point = (("tau", tau), ("steps", steps), ("lr", lr))
+                        extra = tuple((k, v) for k, v in point if v != getattr(base, k))
+                        sweep += [Cell(sw.organism, sw.data, method, s, extra) for s in sw.seeds]
     return list(dict.fromkeys(table + sweep))
+
+
+def perturbs(settings) -> bool:
+    """Whether a recipe's objective has PAR's perturbation term (and so a tau)."""
+    from cleaning.objectives import PERTURBING
+
+    return settings.objective in PERTURBING
 
 
 def recipe(cfg: ResultsConfig, method: str, overrides: dict[str, Any]):
@@ -205,7 +214,6 @@ def measure_model(cfg: ResultsConfig, organism: str, weights: Path) -> dict[str,
 
 
 def run_cell(cfg: ResultsConfig, cell: Cell, work: Path) -> dict[str, Any]:
-    from cleaning.objectives import PERTURBING
     from cleaning.train import clean
 
     data = {d.name: d for d in cfg.data}[cell.data]
@@ -218,7 +226,7 @@ def run_cell(cfg: ResultsConfig, cell: Cell, work: Path) -> dict[str, Any]:
     last = json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])
     row = {"key": cell.key, "organism": cell.organism, "organism_sha": sha, "recipe_sha": recipe_sha,
            "data": cell.data, "method": cell.method, "seed": cell.seed,
-           "tau": settings.tau if settings.objective in PERTURBING else None, "steps": settings.steps,
+           "tau": settings.tau if perturbs(settings) else None, "steps": settings.steps,
            "batch_size": settings.batch_size, "lr": settings.lr,
            **measure_model(cfg, cell.organism, Path(result["model"])), "seconds": round(seconds, 1),
            "d_img": last.get("d_img"), "d_txt": last.get("d_txt"), "device": device_name()}
@@ -342,16 +350,18 @@ def sweep_rows(cfg: ResultsConfig, rows: dict[str, dict[str, Any]]) -> list[dict
     if cfg.sweep is None:
         return []
     sw = cfg.sweep
-    base_lr = recipe(cfg, sw.method, {}).lr
+    base_lr = {method: recipe(cfg, method, {}).lr for method in sw.methods}  # rows made before "lr" was recorded
     grouped: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows.values():
-        if (row.get("organism"), row.get("data"), row.get("method")) == (sw.organism, sw.data, sw.method) \
+        if (row.get("organism"), row.get("data")) == (sw.organism, sw.data) and row.get("method") in sw.methods \
                 and row.get("seed") in sw.seeds:
-            grouped[(row["tau"], row["steps"], row.get("lr", base_lr))].append(row)
-    return [{"tau": tau, "steps": steps, "lr": lr, "seeds": len(found),
+            method = row["method"]
+            grouped[(sw.methods.index(method), row["tau"] or 0.0, row["steps"], row.get("lr", base_lr[method]))
+                    ].append(row)
+    return [{"method": sw.methods[m], "tau": found[0]["tau"], "steps": steps, "lr": lr, "seeds": len(found),
              "acc": statistics.mean(r["clean_acc"] for r in found), "asr": statistics.mean(r["asr"] for r in found),
-             "d_img": statistics.mean(r["d_img"] or 0 for r in found)}
-            for (tau, steps, lr), found in sorted(grouped.items())]
+             "d_img": statistics.mean(r["d_img"] or 0 for r in found) if found[0]["tau"] is not None else None}
+            for (m, _, steps, lr), found in sorted(grouped.items())]
 
 
 def plot_sweep(points: list[dict[str, Any]], poisoned: dict[str, Any] | None, png: Path,
@@ -361,13 +371,15 @@ def plot_sweep(points: list[dict[str, Any]], poisoned: dict[str, Any] | None, pn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(5.5, 4))
-    for steps, lr in sorted({(p["steps"], p["lr"]) for p in points}):
-        line = [p for p in points if (p["steps"], p["lr"]) == (steps, lr)]
-        axis.plot([p["asr"] for p in line], [p["acc"] for p in line], "o-", label=f"PAR, {steps} steps, lr {lr:g}")
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for method, steps, lr in dict.fromkeys((p["method"], p["steps"], p["lr"]) for p in points):
+        line = [p for p in points if (p["method"], p["steps"], p["lr"]) == (method, steps, lr)]
+        axis.plot([p["asr"] for p in line], [p["acc"] for p in line], "o-" if line[0]["tau"] else "s",
+                  label=f"{method}, {steps} steps, lr {lr:g}")
         for p in line:
-            axis.annotate(f"tau {p['tau']:g}", (p["asr"], p["acc"]), fontsize=7, xytext=(3, 3),
-                          textcoords="offset points")
+            if p["tau"] is not None:
+                axis.annotate(f"tau {p['tau']:g}", (p["asr"], p["acc"]), fontsize=7, xytext=(3, 3),
+                              textcoords="offset points")
     if poisoned:
         axis.plot([poisoned["asr"]], [poisoned["clean_acc"]], "kx", label="poisoned")
     for (name, row), marker in zip((baselines or {}).items(), "s^v", strict=False):
@@ -391,15 +403,17 @@ def write_doc(cfg: ResultsConfig, config_path: str) -> Path:
     if points:
         png = doc.with_name(f"{doc.stem}-sweep.png")
         sw = cfg.sweep
-        baselines = {m.name: rows[key] for m in cfg.methods if m.name != sw.method
+        baselines = {m.name: rows[key] for m in cfg.methods if m.name not in sw.methods
                      and (key := Cell(sw.organism, sw.data, m.name, sw.seeds[0]).key) in rows}
         plot_sweep(points, rows.get(f"{sw.organism}/poisoned"), png, baselines)
-        parts += ["## PAR's trade-off (sweep)", "",
-                  f"{cfg.sweep.organism}, {cfg.sweep.data} pairs, seeds {list(cfg.sweep.seeds)}.", "",
-                  "| tau | steps | lr | seeds | clean acc | ASR | image distance at the end |",
-                  "|---|---|---|---|---|---|---|"]
-        parts += [f"| {p['tau']} | {p['steps']} | {p['lr']:g} | {p['seeds']} | {p['acc']:.1f} | {p['asr']:.1f} | "
-                  f"{p['d_img']:.2f} |" for p in points]
+        parts += ["## Trade-off (sweep)", "",
+                  f"{sw.organism}, {sw.data} pairs, seeds {list(sw.seeds)}: {', '.join(sw.methods)} at every "
+                  "listed steps and lr (and tau, for the methods that have one).", "",
+                  "| method | tau | steps | lr | seeds | clean acc | ASR | image distance at the end |",
+                  "|---|---|---|---|---|---|---|---|"]
+        parts += [f"| {p['method']} | {'-' if p['tau'] is None else p['tau']} | {p['steps']} | {p['lr']:g} | "
+                  f"{p['seeds']} | {p['acc']:.1f} | {p['asr']:.1f} | "
+                  f"{'-' if p['d_img'] is None else format(p['d_img'], '.2f')} |" for p in points]
         parts += ["", f"![trade-off]({png.name})", ""]
     parts += ["## Data sets and recipes", ""]
     parts += [f"- **{d.name}**: `{d.shards}`" + (f" (`{d.command}`)" if d.command else "") for d in cfg.data]

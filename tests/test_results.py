@@ -95,7 +95,7 @@ def test_results_script_runs_cells_once_and_writes_the_table(toy_pairs, tmp_path
         data=[{"name": "real", "shards": toy_pairs}],
         methods=[{"name": "PAR", "config": "configs/clean/toy-cpu.yaml"},
                  {"name": "FT", "config": "configs/clean/toy-cpu-ft.yaml"}],
-        sweep={"organism": "clip-blended", "data": "real", "method": "PAR", "tau": [0.5], "steps": [2]},
+        sweep={"organism": "clip-blended", "data": "real", "methods": ["PAR"], "tau": [0.5], "steps": [2]},
     )
     path = tmp_path / "results.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -114,20 +114,33 @@ def test_results_script_runs_cells_once_and_writes_the_table(toy_pairs, tmp_path
     assert (tmp_path / "rows.jsonl").read_text().splitlines() == lines
     doc = (tmp_path / "results.md").read_text()
     assert "| clip-blended | blended | real | PAR | 1 |" in doc and "| clip-blended | blended | real | FT | 1 |" in doc
-    assert "| 0.5 | 2 | 0.0003 | 1 |" in doc and "| 1.0 | 2 | 0.0003 | 1 |" in doc
+    assert "| PAR | 0.5 | 2 | 0.0003 | 1 |" in doc and "| PAR | 1.0 | 2 | 0.0003 | 1 |" in doc
     assert (tmp_path / "results-sweep.png").stat().st_size > 1000
 
 
 def test_a_sweep_over_lr_adds_one_cell_per_point_and_keeps_the_recipe_point_a_table_cell(tmp_path):
     config = tiny_table(tmp_path, data=[{"name": "real", "shards": "unused"}],
                         methods=[{"name": "PAR", "config": "configs/clean/toy-cpu.yaml"}],
-                        sweep={"organism": "clip-blended", "data": "real", "method": "PAR", "tau": [1.0, 2.0],
+                        sweep={"organism": "clip-blended", "data": "real", "methods": ["PAR"], "tau": [1.0, 2.0],
                                "lr": [3.0e-4, 1.0e-3]})
     path = tmp_path / "results.yaml"
     path.write_text(yaml.safe_dump(config))
     assert [cell.key for cell in cells(load_config(ResultsConfig, path))] == [
         "clip-blended/real/PAR/seed0", "clip-blended/real/PAR/seed0-lr0.001", "clip-blended/real/PAR/seed0-tau2.0",
         "clip-blended/real/PAR/seed0-tau2.0-lr0.001"]
+
+
+def test_a_sweep_over_several_methods_varies_tau_only_for_the_methods_that_have_one(tmp_path):
+    config = tiny_table(tmp_path, data=[{"name": "real", "shards": "unused"}],
+                        methods=[{"name": "PAR", "config": "configs/clean/toy-cpu.yaml"},
+                                 {"name": "FT", "config": "configs/clean/toy-cpu-ft.yaml"}],
+                        sweep={"organism": "clip-blended", "data": "real", "methods": ["PAR", "FT"],
+                               "tau": [1.0, 2.0], "steps": [3]})
+    path = tmp_path / "results.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert [cell.key for cell in cells(load_config(ResultsConfig, path))] == [
+        "clip-blended/real/PAR/seed0", "clip-blended/real/FT/seed0", "clip-blended/real/PAR/seed0-steps3",
+        "clip-blended/real/PAR/seed0-tau2.0-steps3", "clip-blended/real/FT/seed0-steps3"]
 
 
 def test_results_script_names_a_missing_organism(tmp_path, capsys):
