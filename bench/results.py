@@ -382,7 +382,7 @@ def plot_sweep(points: list[dict[str, Any]], poisoned: dict[str, Any] | None, pn
                               textcoords="offset points")
     if poisoned:
         axis.plot([poisoned["asr"]], [poisoned["clean_acc"]], "kx", label="poisoned")
-    for (name, row), marker in zip((baselines or {}).items(), "s^v", strict=False):
+    for (name, row), marker in zip((baselines or {}).items(), "^v<>D", strict=False):
         axis.plot([row["asr"]], [row["clean_acc"]], marker, color="gray", label=f"{name}, {row['steps']} steps")
     axis.set_xlabel("attack success rate (%)")
     axis.set_ylabel("clean zero-shot accuracy (%)")
