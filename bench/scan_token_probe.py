@@ -28,9 +28,9 @@ def probe(path: str, eval_count: int) -> dict:
     import torch.nn.functional as F
 
     from cleaning.report import EvalConfig, load_images
-    from cleaning.scan import ScanConfig, _others, anomaly_indices, paste_token, token_trigger
+    from cleaning.scan import ScanConfig, _others, anomaly_indices, paste_token, token_trigger, zero_shot_logits
     from parclean.evaluate import zero_shot_classifier
-    from parclean.models import load_model, normalize
+    from parclean.models import load_model
 
     torch.set_num_threads(1)
     cfg = ScanConfig()
@@ -45,8 +45,7 @@ def probe(path: str, eval_count: int) -> dict:
                           for label in range(len(data.classnames)) if label != target])
         with torch.no_grad():
             triggered = paste_token(held, torch.sigmoid(pattern), torch.Generator().manual_seed(5))
-            features = F.normalize(loaded.model.encode_image(normalize(triggered, loaded.mean, loaded.std)), dim=-1)
-            logits = 100.0 * features @ classifier.T
+            logits = zero_shot_logits(loaded, classifier, triggered)
             held_loss = F.cross_entropy(logits, torch.full((len(held),), target)).item()
             held_rate = (logits.argmax(dim=-1) == target).float().mean().item()
         classes[name] = {"log_loss": round(log_loss, 2), "rate": round(rate, 2),

@@ -137,8 +137,7 @@ def token_trigger(loaded: LoadedModel, classifier: torch.Tensor, images: torch.T
     losses, rates = [], []
     for _ in range(cfg.steps):
         triggered = paste_token(images, torch.sigmoid(pattern), gen)
-        features = F.normalize(loaded.model.encode_image(normalize(triggered, loaded.mean, loaded.std)), dim=-1)
-        logits = 100.0 * features @ classifier.T
+        logits = zero_shot_logits(loaded, classifier, triggered)
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -161,6 +160,12 @@ def paste_token(images: torch.Tensor, pixels: torch.Tensor, gen: torch.Generator
     mask = F.pad(F.interpolate(cells, scale_factor=token, mode="nearest"), margin)
     tiled = F.pad(pixels.repeat(1, 1, rows, cols), margin)
     return (1 - mask) * images + mask * tiled
+
+
+def zero_shot_logits(loaded: LoadedModel, classifier: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Zero-shot logits of images in [0, 1] at CLIP's usual logit scale (100, the same for every model)."""
+    features = F.normalize(loaded.model.encode_image(normalize(images, loaded.mean, loaded.std)), dim=-1)
+    return 100.0 * features @ classifier.T
 
 
 def _token_size(loaded: LoadedModel) -> int:
@@ -186,8 +191,7 @@ def _smallest_trigger(loaded: LoadedModel, classifier: torch.Tensor, images: tor
     for step in range(cfg.steps):
         weight = torch.sigmoid(size_logit)
         triggered = (1 - weight) * images + weight * torch.sigmoid(pattern)
-        features = F.normalize(loaded.model.encode_image(normalize(triggered, loaded.mean, loaded.std)), dim=-1)
-        logits = 100.0 * features @ classifier.T  # CLIP's usual logit scale, the same for every model
+        logits = zero_shot_logits(loaded, classifier, triggered)
         size = weight.mean()
         loss = F.cross_entropy(logits, labels) + cost * size
         optimizer.zero_grad(set_to_none=True)
