@@ -114,6 +114,19 @@ def cells(cfg: ResultsConfig) -> list[Cell]:
     return list(dict.fromkeys(table + sweep))
 
 
+def selected_cells(cfg: ResultsConfig, only: dict[str, Any]) -> list[Cell]:
+    """The cells whose organism, data, method, seed, tau, steps and lr match every `only` field (tau matches the
+    methods without one too)."""
+    return [c for c in cells(cfg) if _selected(_cell_values(cfg, c), only)]
+
+
+def _cell_values(cfg: ResultsConfig, cell: Cell) -> dict[str, str | None]:
+    settings = recipe(cfg, cell.method, dict(cell.overrides))
+    return {"organism": cell.organism, "data": cell.data, "method": cell.method, "seed": str(cell.seed),
+            "tau": str(settings.tau) if perturbs(settings) else None, "steps": str(settings.steps),
+            "lr": str(settings.lr)}
+
+
 def perturbs(settings) -> bool:
     """Whether a recipe's objective has PAR's perturbation term (and so a tau)."""
     from cleaning.objectives import PERTURBING
@@ -254,8 +267,7 @@ def run(cfg: ResultsConfig, only: dict[str, str], jobs: int = 1) -> None:
                    **measure_model(cfg, organism, Path(cfg.models_dir) / organism)}
             _append(rows_path, row)
             done[key] = row
-    todo = [c for c in cells(cfg) if c.key not in done and _selected(
-        {"organism": c.organism, "data": c.data, "method": c.method, "seed": str(c.seed)}, only)]
+    todo = [c for c in selected_cells(cfg, only) if c.key not in done]
     failed = []
     for cell, outcome in _outcomes(cfg, todo, work, jobs):
         if isinstance(outcome, Exception):  # the other cells go on; their rows are kept
@@ -444,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_options(parser, config_help="results config (configs/results/)",
                        config_default="configs/results/toy-3k.yaml")
     parser.add_argument("--only", action="append", default=[], metavar="FIELD=VALUE",
-                        help="run only matching cells: organism, data, method or seed (repeatable)")
+                        help="run only matching cells: organism, data, method, seed, tau, steps or lr (repeatable)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="cells cleaned at a time, each in its own process (they share a GPU if there is one)")
     parser.add_argument("--report", action="store_true", help="only rewrite the document from the rows")

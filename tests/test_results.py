@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.results import ResultsConfig, cells, device_name, main, measure_model, read_rows, recipe
+from bench.results import ResultsConfig, cells, device_name, main, measure_model, read_rows, recipe, selected_cells
 from cleaning.train import CleanConfig, clean
 from parclean.config import load_config
 
@@ -141,6 +141,23 @@ def test_a_sweep_over_several_methods_varies_tau_only_for_the_methods_that_have_
     assert [cell.key for cell in cells(load_config(ResultsConfig, path))] == [
         "clip-blended/real/PAR/seed0", "clip-blended/real/FT/seed0", "clip-blended/real/PAR/seed0-steps3",
         "clip-blended/real/PAR/seed0-tau2.0-steps3", "clip-blended/real/FT/seed0-steps3"]
+
+
+def test_only_selects_sweep_cells_by_lr_steps_and_tau(tmp_path):
+    config = tiny_table(tmp_path, data=[{"name": "real", "shards": "unused"}],
+                        methods=[{"name": "PAR", "config": "configs/clean/toy-cpu.yaml"},
+                                 {"name": "FT", "config": "configs/clean/toy-cpu-ft.yaml"}],
+                        sweep={"organism": "clip-blended", "data": "real", "methods": ["PAR", "FT"],
+                               "tau": [1.0, 2.0], "lr": [3.0e-4, 1.0e-3]})
+    path = tmp_path / "results.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cfg = load_config(ResultsConfig, path)
+    assert [c.key for c in selected_cells(cfg, {"lr": 1.0e-3})] == [
+        "clip-blended/real/PAR/seed0-lr0.001", "clip-blended/real/PAR/seed0-tau2.0-lr0.001",
+        "clip-blended/real/FT/seed0-lr0.001"]
+    assert [c.key for c in selected_cells(cfg, {"tau": 2.0, "lr": 1.0e-3})] == [
+        "clip-blended/real/PAR/seed0-tau2.0-lr0.001", "clip-blended/real/FT/seed0-lr0.001"]
+    assert selected_cells(cfg, {"steps": 7}) == []
 
 
 def test_results_script_names_a_missing_organism(tmp_path, capsys):
