@@ -35,14 +35,20 @@ def table(found: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(found: dict[str, dict], png: Path, models: Path = MODELS) -> None:
+def plot(found: dict[str, dict], png: Path, models: Path = MODELS, base: str | None = None) -> None:
+    """Each organism's curves; `base` (a clean model the others were fine-tuned from) is drawn as its final
+    accuracy and the regime's bar 2 points below it, not as a curve of its own much longer training."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for name in found:
+    if base is not None:
+        final = found[base]["clean_acc"]
+        left.axhline(final, color="grey", label=f"{base} (base), {final:.1f}")
+        left.axhline(final - 2, color="grey", linestyle="--", label="base - 2 (the regime's bar)")
+    for name in (n for n in found if n != base):
         points = [json.loads(line) for line in (models / name / "curve.jsonl").read_text().splitlines()]
         steps = [p["step"] for p in points]
         left.plot(steps, [p["clean_acc"] for p in points], marker=".", label=name)
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     docs = Path(__file__).parent.parent / "docs"
     if argv[:1] == ["v2"]:  # python -m toyworld.cards v2 [PLATEAU_CHECK_FOLDER]
         found = cards(MODELS / "v2")
-        plot(found, docs / "organism-v2-curves.png", MODELS / "v2")
+        plot(found, docs / "organism-v2-curves.png", MODELS / "v2", base="clip-clean")
         plot_base_curve(docs / "organism-v2-base.png", Path(argv[1]) if len(argv) > 1 else None)
     else:
         found = cards()
