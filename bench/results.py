@@ -67,6 +67,16 @@ class Sweep:
 
 
 @dataclass(frozen=True)
+class BudgetCheck:
+    """Whether the cleaning budget retrains the model: if `method` on `data` ends more than `max_lift` points
+    above the poisoned model's clean accuracy, that organism's rows do not count."""
+
+    method: str = "FT"
+    data: str = "real"
+    max_lift: float = 2.0
+
+
+@dataclass(frozen=True)
 class ResultsConfig:
     organisms: tuple[str, ...]
     data: tuple[DataSet, ...]
@@ -80,6 +90,7 @@ class ResultsConfig:
     doc: str = "docs/results.md"
     title: str = "Results: cleaning the toy organisms"
     sweep: Sweep | None = None
+    budget_check: BudgetCheck | None = None
 
 
 @dataclass(frozen=True)
@@ -317,11 +328,24 @@ def _append(path: Path, row: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------- the document
 
 
+def budget_lift(cfg: ResultsConfig, rows: dict[str, dict[str, Any]], organism: str) -> float | None:
+    """The budget check's method's mean clean accuracy minus the poisoned model's; None until both are measured."""
+    check, poisoned = cfg.budget_check, rows.get(f"{organism}/poisoned")
+    found = [rows[key] for s in cfg.seeds
+             if check and (key := Cell(organism, check.data, check.method, s).key) in rows]
+    if not found or poisoned is None:
+        return None
+    return statistics.mean(r["clean_acc"] for r in found) - poisoned["clean_acc"]
+
+
 def summary(cfg: ResultsConfig, rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and spread over seeds for each table cell that has rows, with the bar it is judged against."""
+    """Mean and spread over seeds for each table cell that has rows, with the bar it is judged against (and
+    nothing meets it on an organism whose budget check says the budget retrains the model)."""
     out = []
     for organism in cfg.organisms:
         poisoned = rows.get(f"{organism}/poisoned")
+        lift = budget_lift(cfg, rows, organism)
+        retrains = lift is not None and lift > cfg.budget_check.max_lift
         for data in cfg.data:
             bar = data.bar
             for method in cfg.methods:
@@ -331,7 +355,8 @@ def summary(cfg: ResultsConfig, rows: dict[str, dict[str, Any]]) -> list[dict[st
                     continue
                 acc = [r["clean_acc"] for r in found]
                 asr = [r["asr"] for r in found]
-                meets = statistics.mean(asr) <= bar[0] and statistics.mean(acc) >= poisoned["clean_acc"] - bar[1]
+                meets = (statistics.mean(asr) <= bar[0] and statistics.mean(acc) >= poisoned["clean_acc"] - bar[1]
+                         and not retrains)
                 out.append({"organism": organism, "data": data.name, "method": method.name, "seeds": len(found),
                             "trigger": poisoned.get("trigger", ""), "poisoned_acc": poisoned["clean_acc"],
                             "poisoned_asr": poisoned["asr"],
@@ -405,12 +430,35 @@ def plot_sweep(points: list[dict[str, Any]], poisoned: dict[str, Any] | None, pn
     plt.close(figure)
 
 
+def budget_check_markdown(cfg: ResultsConfig, rows: dict[str, dict[str, Any]]) -> list[str]:
+    check = cfg.budget_check
+    lines = ["## Budget check", "",
+             f"{check.method} at the table's budget on {check.data} pairs, beside the poisoned model: if it ends "
+             f"more than {check.max_lift:g} points above it, the budget is retraining the model and that "
+             "organism's rows do not count.", "",
+             f"| model | clean acc (poisoned) | {check.method} ({check.data}), seeds | lift | rows count |",
+             "|---|---|---|---|---|"]
+    for organism in cfg.organisms:
+        poisoned, lift = rows.get(f"{organism}/poisoned"), budget_lift(cfg, rows, organism)
+        if poisoned is None:
+            continue
+        seeds = sum(Cell(organism, check.data, check.method, s).key in rows for s in cfg.seeds)
+        if lift is None:
+            lines.append(f"| {organism} | {poisoned['clean_acc']:.1f} | not measured | - | unchecked |")
+        else:
+            lines.append(f"| {organism} | {poisoned['clean_acc']:.1f} | {poisoned['clean_acc'] + lift:.1f}, {seeds} "
+                         f"| {lift:+.1f} | {'no' if lift > check.max_lift else 'yes'} |")
+    return lines + [""]
+
+
 def write_doc(cfg: ResultsConfig, config_path: str) -> Path:
     rows = current_rows(cfg)
     doc = Path(cfg.doc)
     parts = [GENERATED_NOTE.format(title=cfg.title, config=config_path, rows=cfg.rows,
                                   eval_count=cfg.eval_count), "## Table", "",
              table_markdown(summary(cfg, rows)), ""]
+    if cfg.budget_check is not None:
+        parts += budget_check_markdown(cfg, rows)
     points = sweep_rows(cfg, rows)
     if points:
         png = doc.with_name(f"{doc.stem}-sweep.png")
