@@ -1,7 +1,7 @@
 """`parclean demo`: the whole data-free pipeline, offline on a CPU, on the shipped model organism.
 
 A toy Stable Diffusion generates caption-image pairs from the toy-world bank, the scan looks for a backdoor,
-PAR+CleanCLIP cleans the v2 BadNet toy CLIP on the pairs, and the before/after table (clean accuracy, ASR, the
+PAR+CleanCLIP cleans the v2 Blended toy CLIP on the pairs, and the before/after table (clean accuracy, ASR, the
 scan's verdicts) is printed with the report's path. Sizes live in configs/pipeline/demo.yaml. Without
 PREFECT_API_URL, Prefect runs a temporary local server for the run.
 """
@@ -35,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
     model = Path(cfg.model)
     if not model.exists():
         raise FileNotFoundError(f"{model}: the poisoned CLIP to clean is missing. The organism is built with "
-                                "`python -m toyworld.train_clip --config configs/organism/v2/badnet.yaml --out "
-                                "toyworld/models/v2/clip-badnet`; or point the demo at another checkpoint with "
+                                "`python -m toyworld.train_clip --config configs/organism/v2/blended.yaml --out "
+                                "toyworld/models/v2/clip-blended`; or point the demo at another checkpoint with "
                                 "--set model=PATH")
     from flows.serve import run_pipeline
 
