@@ -68,7 +68,7 @@ def test_par_removes_the_blended_backdoor_at_a_short_budget(toy_pairs, tmp_path)
 def test_par_cleanclip_removes_the_v2_blended_backdoor_and_keeps_accuracy(toy_pairs, tmp_path):
     """The shipped v2 Blended organism (in the paper's regime: docs/organism.md) cleaned with the demo's recipe,
     configs/clean/toy-cpu-par-cleanclip.yaml, at 200 steps x 128 (1.1% of the base's pretraining samples; 2-3
-    minutes on a CPU) on real pairs: measured MEASURED (clean accuracy / ASR, 500 images).
+    minutes on a CPU) on real pairs: measured 85.0 / 96.0 -> 86.2 / 3.8 (clean accuracy / ASR, 500 images).
     The v2 BadNet backdoor is not removed by any recipe: docs/results-v2.md has the table and why."""
     cfg = ResultsConfig(organisms=(), data=(), methods=(), eval_count=500, models_dir=str(MODELS / "v2"))
     before = measure_model(cfg, "clip-blended", MODELS / "v2" / "clip-blended")
