@@ -317,7 +317,15 @@ def _record(rows_path: Path, row: dict[str, Any]) -> None:
 
 
 def _selected(values: dict[str, str], only: dict[str, str]) -> bool:
-    return all(values.get(k) is None or values[k] == str(v) for k, v in only.items())
+    return all(values.get(k) is None or _same(values[k], v) for k, v in only.items())
+
+
+def _same(value: str, wanted: Any) -> bool:
+    """Equal as numbers when both are ("1e-3" and 0.001, "2.0" and 2), else as text."""
+    try:
+        return float(value) == float(wanted)
+    except (TypeError, ValueError):
+        return value == str(wanted)
 
 
 def _append(path: Path, row: dict[str, Any]) -> None:
@@ -328,11 +336,16 @@ def _append(path: Path, row: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------- the document
 
 
+def seed_rows(cfg: ResultsConfig, rows: dict[str, dict[str, Any]], organism: str, data: str,
+              method: str) -> list[dict[str, Any]]:
+    """The measured rows of one table cell, one per seed that has one."""
+    return [row for s in cfg.seeds if (row := rows.get(Cell(organism, data, method, s).key)) is not None]
+
+
 def budget_lift(cfg: ResultsConfig, rows: dict[str, dict[str, Any]], organism: str) -> float | None:
     """The budget check's method's mean clean accuracy minus the poisoned model's; None until both are measured."""
     check, poisoned = cfg.budget_check, rows.get(f"{organism}/poisoned")
-    found = [rows[key] for s in cfg.seeds
-             if check and (key := Cell(organism, check.data, check.method, s).key) in rows]
+    found = seed_rows(cfg, rows, organism, check.data, check.method) if check else []
     if not found or poisoned is None:
         return None
     return statistics.mean(r["clean_acc"] for r in found) - poisoned["clean_acc"]
@@ -349,8 +362,7 @@ def summary(cfg: ResultsConfig, rows: dict[str, dict[str, Any]]) -> list[dict[st
         for data in cfg.data:
             bar = data.bar
             for method in cfg.methods:
-                keys = [Cell(organism, data.name, method.name, s).key for s in cfg.seeds]
-                found = [rows[key] for key in keys if key in rows]
+                found = seed_rows(cfg, rows, organism, data.name, method.name)
                 if not found or poisoned is None:
                     continue
                 acc = [r["clean_acc"] for r in found]
@@ -442,7 +454,7 @@ def budget_check_markdown(cfg: ResultsConfig, rows: dict[str, dict[str, Any]]) -
         poisoned, lift = rows.get(f"{organism}/poisoned"), budget_lift(cfg, rows, organism)
         if poisoned is None:
             continue
-        seeds = sum(Cell(organism, check.data, check.method, s).key in rows for s in cfg.seeds)
+        seeds = len(seed_rows(cfg, rows, organism, check.data, check.method))
         if lift is None:
             lines.append(f"| {organism} | {poisoned['clean_acc']:.1f} | not measured | - | unchecked |")
         else:

@@ -168,6 +168,9 @@ def test_only_selects_sweep_cells_by_lr_steps_and_tau(tmp_path):
     assert [c.key for c in selected_cells(cfg, {"tau": 2.0, "lr": 1.0e-3})] == [
         "clip-blended/real/PAR/seed0-tau2.0-lr0.001", "clip-blended/real/FT/seed0-lr0.001"]
     assert selected_cells(cfg, {"steps": 7}) == []
+    # as typed on the command line: YAML reads "1e-3" as a string and "tau=2" as an int
+    assert [c.key for c in selected_cells(cfg, {"tau": 2, "lr": "1e-3"})] == [
+        "clip-blended/real/PAR/seed0-tau2.0-lr0.001", "clip-blended/real/FT/seed0-lr0.001"]
 
 
 def test_no_row_meets_the_bar_on_an_organism_whose_budget_check_says_the_budget_retrains_it(tmp_path):
