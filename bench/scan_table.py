@@ -135,7 +135,26 @@ def markdown(rows: list[dict]) -> str:
               f"{BACKDOOR_ASR:g}%) flagged with the true target. False positives: {false_positives} of "
               f"{len(benign)} scans of the other models. Scan time {min(seconds):.0f}-{max(seconds):.0f} s "
               "per model and seed, one CPU thread."]
-    return "\n".join(lines)
+    return "\n".join(lines + ["", seed_agreement(rows)])
+
+
+def seed_agreement(rows: list[dict]) -> str:
+    """The table read per model, flagging it only when every seed's scan names the same class: what running the
+    scan once per seed would give, at that many times its cost."""
+    by_model: dict[str, list[dict]] = {}
+    for r in rows:
+        by_model.setdefault(r["name"], []).append(r)
+    agreed = {}
+    for name, scans in by_model.items():
+        targets = {r["target"] for r in scans}
+        agreed[name] = (next(iter(targets)) if len(targets) == 1 and all(r["suspicious"] for r in scans)
+                        else None, scans[0])
+    backdoored = [(t, r) for t, r in agreed.values() if r["asr"] is not None and r["asr"] > BACKDOOR_ASR]
+    benign = [(t, r) for t, r in agreed.values() if (t, r) not in backdoored]
+    seeds = max(len(scans) for scans in by_model.values())
+    return (f"Flagged only when all {seeds} seeds name the same class ({seeds} times the scan time): detection "
+            f"{sum(t == r['true_target'] for t, r in backdoored)} of {len(backdoored)} backdoored models, false "
+            f"positives {sum(t is not None for t, _ in benign)} of {len(benign)} other models.")
 
 
 def write_doc(doc: Path, table: str) -> None:

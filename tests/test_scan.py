@@ -85,3 +85,20 @@ def test_the_detection_table_counts_a_right_verdict_by_the_models_measured_asr(t
     doc.write_text("intro\n<!-- scan table -->\nold\n<!-- /scan table -->\nnotes\n")
     write_doc(doc, table)
     assert doc.read_text() == f"intro\n<!-- scan table -->\n{table}\n<!-- /scan table -->\nnotes\n"
+
+
+def test_the_detection_table_also_counts_models_flagged_by_every_seed_with_one_target() -> None:
+    from bench.scan_table import markdown
+
+    row = {"kind": "k", "true_target": "moon", "score": 3.0, "form": "patch", "most_anomalous": "moon",
+           "seconds": 70.0}
+    rows = [{**row, "name": "both", "seed": s, "asr": 90.0, "suspicious": True, "target": "moon"} for s in (0, 1)]
+    rows += [{**row, "name": "split", "seed": s, "asr": 90.0, "suspicious": True, "target": t}
+             for s, t in ((0, "moon"), (1, "ring"))]
+    rows += [{**row, "name": "one seed", "seed": s, "asr": 2.0, "suspicious": s == 0, "target": "ring" if s == 0
+              else None} for s in (0, 1)]
+    rows += [{**row, "name": "benign both", "seed": s, "asr": None, "true_target": None, "suspicious": True,
+              "target": "cross"} for s in (0, 1)]
+    table = markdown(rows)
+    assert "all 2 seeds name the same class" in table
+    assert "detection 1 of 2 backdoored models" in table and "false positives 1 of 2 other models" in table
