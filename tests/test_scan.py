@@ -102,3 +102,13 @@ def test_the_detection_table_also_counts_models_flagged_by_every_seed_with_one_t
     table = markdown(rows)
     assert "all 2 seeds name the same class" in table
     assert "detection 1 of 2 backdoored models" in table and "false positives 1 of 2 other models" in table
+
+
+def test_trigger_destinations_finds_the_organisms_trigger_sending_images_to_its_target() -> None:
+    from bench.trigger_destinations import destinations
+
+    organism = "toyworld/models/v2/clip-blended"
+    shares = destinations(organism, organism, count=300)
+    assert shares["target"] == "moon" and shares["images"] > 200
+    assert shares["triggered"]["moon"] >= 85 and shares["clean"]["moon"] <= 5
+    assert abs(sum(shares["clean"].values()) - 100) < 0.6
