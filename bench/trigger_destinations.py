@@ -19,14 +19,14 @@ def destinations(organism: str, model: str, count: int) -> dict:
 
     from cleaning.report import EvalConfig, load_images
     from parclean.attacks import Trigger, apply_trigger
-    from parclean.evaluate import predict, zero_shot_classifier
+    from parclean.evaluate import DEFAULT_TEMPLATES, predict, zero_shot_classifier
     from parclean.models import load_model
 
     torch.set_num_threads(1)
     card = json.loads((Path(organism) / "card.json").read_text())
     loaded = load_model(weights=model)
     data = load_images(EvalConfig(count=count), loaded.image_size)
-    classifier = zero_shot_classifier(loaded, data.classnames, ("a photo of a {}.",))
+    classifier = zero_shot_classifier(loaded, data.classnames, DEFAULT_TEMPLATES)
     others = data.labels != data.classnames.index(card["target"])
     triggered = apply_trigger(data.images, Trigger(**card["trigger"]), list(range(len(data.images))))
     shares = {}
