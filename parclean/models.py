@@ -44,7 +44,6 @@ class LoadedModel:
     std: tuple[float, float, float]
 
 
-@lru_cache(maxsize=1)
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Images in [0, 1] as the model reads them: (images - mean) / std per channel (LoadedModel.mean, .std)."""
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
@@ -52,6 +51,7 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (images - mean_t) / std_t
 
 
+@lru_cache(maxsize=1)
 def register_configs() -> None:
     """Make parclean's own architectures (parclean/model_configs/*.json) known to open_clip."""
     open_clip.add_model_config(CONFIG_DIR)

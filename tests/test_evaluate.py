@@ -97,8 +97,7 @@ def test_an_image_folder_is_evaluated_a_batch_at_a_time_triggered_copies_include
     result = measure(loaded, cfg, replace(data, dataset=watcher))
     assert result["eval_images"] == 96 and set(result["asr"]) == {"badnet"}
     # In memory, the set and its triggered copies were 96 + 64 images. Streamed, what is alive when a batch starts
-    # is a few batches whatever the set's size (the last one, its triggered copy in normalize's one-entry cache
-    # with its normalised output): at most 4.
+    # is a few batches whatever the set's size (the last one and its triggered copy): at most 4.
     assert 0 < watcher.peak <= 4 * cfg.batch_size
 
 

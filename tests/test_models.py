@@ -194,3 +194,14 @@ def test_a_hugging_face_clipmodel_is_refused_with_what_to_use_instead(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(model) in err
     assert "Hugging Face transformers CLIPModel" in err and "not supported" in err and "--pretrained" in err
+
+
+def test_normalize_reads_the_pixels_a_tensor_holds_now_not_a_cached_copy() -> None:
+    # A tensor refilled in place (a reused batch buffer) must be normalised again, not served from a cache.
+    from parclean.models import normalize
+
+    images = torch.zeros(1, 3, 2, 2)
+    before = normalize(images, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    images.fill_(1.0)
+    after = normalize(images, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert before.unique().tolist() == [-1.0] and after.unique().tolist() == [1.0]
