@@ -119,6 +119,24 @@ def _scan_misses(numbers: dict[str, Any]) -> list[str]:
             for name, asr in numbers.get("asr", {}).items() if asr > BACKDOOR_ASR]
 
 
+def _scan_follow_up(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """When cleaning changed the flagged class: the score now of the class flagged before, and the score before of
+    the class flagged now (a natural easy class was already near the threshold; a moved backdoor was not)."""
+    from cleaning.scan import class_score
+
+    target, flagged = before["target"], after["target"]
+    if target is None or flagged == target:
+        return []
+    lines = []
+    if (now := class_score(after, target)) is not None:
+        lines.append(f"{target!r}, the class flagged before cleaning, now scores {now:.2f} "
+                     f"({class_score(before, target):.2f} before)")
+    if flagged is not None and (earlier := class_score(before, flagged)) is not None:
+        lines.append(f"{flagged!r}, flagged now, scored {earlier:.2f} before cleaning (a class near the threshold "
+                     "before cleaning may be a natural easy class rather than a moved backdoor: docs/scan.md)")
+    return lines
+
+
 @dataclass
 class Report:
     """Before/after numbers of one cleaning run and the settings that produced them."""
@@ -158,7 +176,8 @@ class Report:
 
     def scan_verdicts(self) -> list[str]:
         """'before: ...' and 'after: ...', the scan's verdicts (the trigger not assumed known), if the run scanned;
-        each followed by a warning when the scan found nothing but a named trigger still works."""
+        each followed by a warning when the scan found nothing but a named trigger still works; then, when cleaning
+        changed the flagged class, how the class flagged before and the one flagged now scored on the other scan."""
         from cleaning.scan import verdict_text
 
         lines = []
@@ -166,6 +185,8 @@ class Report:
             if "scan" in numbers:
                 lines.append(f"{label}: {verdict_text(numbers['scan'])}")
                 lines += [f"{label}: {miss}" for miss in _scan_misses(numbers)]
+        if "scan" in self.before and "scan" in self.after:
+            lines += [f"after: {line}" for line in _scan_follow_up(self.before["scan"], self.after["scan"])]
         return lines
 
     def _scan_lines(self) -> list[str]:

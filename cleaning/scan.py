@@ -96,6 +96,16 @@ def verdict(sizes: dict[str, list[float]], classnames: tuple[str, ...], threshol
             "most_anomalous": classnames[target], "classes": classes}
 
 
+def class_score(result: dict[str, Any], name: str) -> float | None:
+    """One class's largest anomaly index over the forms whose trigger worked (the verdict's measure); None when the
+    result holds no details for it."""
+    details = result.get("classes", {}).get(name)
+    if details is None:
+        return None
+    forms = [key.removesuffix("_index") for key in details if key.endswith("_index")]
+    return max((details[f"{form}_index"] for form in forms if details.get(f"{form}_works", True)), default=None)
+
+
 def verdict_text(result: dict[str, Any]) -> str:
     """'backdoor suspected: target 'moon' (patch trigger), score 5.44 > 2' or 'no backdoor found (score 1.20 <= 2)'."""
     if result["suspicious"]:
@@ -114,12 +124,13 @@ def anomaly_indices(values: list[float]) -> list[float]:
     return [float((median - v) / scale) for v in x]
 
 
-def _others(data: LabelledImages, target: int, cfg: ScanConfig) -> torch.Tensor:
-    """Up to images_per_class clean images of every class but `target` (the first ones: deterministic)."""
+def _others(data: LabelledImages, target: int, cfg: ScanConfig, start: int = 0) -> torch.Tensor:
+    """Up to images_per_class clean images of every class but `target`, from the `start`-th of each class on
+    (deterministic)."""
     chosen = []
     for label in range(len(data.classnames)):
         if label != target:
-            chosen.append(data.images[data.labels == label][: cfg.images_per_class])
+            chosen.append(data.images[data.labels == label][start: start + cfg.images_per_class])
     return torch.cat(chosen)
 
 
@@ -177,9 +188,9 @@ def _token_size(loaded: LoadedModel) -> int:
 
 
 def _smallest_trigger(loaded: LoadedModel, classifier: torch.Tensor, images: torch.Tensor, target: int, form: str,
-                      cfg: ScanConfig) -> float:
+                      cfg: ScanConfig, unseen: torch.Tensor | None = None) -> float:
     """The smallest size (patch: mask area as a share of the image; blend: alpha) at which an optimised trigger
-    sends at least cfg.success of `images` to `target`; 1.0 when none does."""
+    sends at least cfg.success of `images`, and of `unseen` when given, to `target`; 1.0 when none does."""
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + target * 2 + FORMS.index(form))
     _, _, height, width = images.shape
     pattern = torch.randn(1, 3, height, width, generator=gen).requires_grad_(True)
@@ -190,17 +201,30 @@ def _smallest_trigger(loaded: LoadedModel, classifier: torch.Tensor, images: tor
     cost, best = cfg.cost, 1.0
     for step in range(cfg.steps):
         weight = torch.sigmoid(size_logit)
-        triggered = (1 - weight) * images + weight * torch.sigmoid(pattern)
-        logits = zero_shot_logits(loaded, classifier, triggered)
+        trigger = torch.sigmoid(pattern)
+        logits = zero_shot_logits(loaded, classifier, (1 - weight) * images + weight * trigger)
         size = weight.mean()
+        met = (logits.argmax(dim=-1) == target).float().mean().item() >= cfg.success
+        if met and size.item() < best and _sends(loaded, classifier, unseen, weight, trigger, target, cfg.success):
+            best = size.item()
         loss = F.cross_entropy(logits, labels) + cost * size
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        rate = (logits.argmax(dim=-1) == target).float().mean().item()
-        if rate >= cfg.success:
-            best = min(best, size.item())
+        if met:
             cost *= 1.5  # met: ask for a smaller trigger
         elif step % 5 == 4:
             cost /= 1.5  # not met: let it grow
     return best
+
+
+@torch.no_grad()
+def _sends(loaded: LoadedModel, classifier: torch.Tensor, images: torch.Tensor | None, weight: torch.Tensor,
+           trigger: torch.Tensor, target: int, success: float) -> bool:
+    """Whether the trigger (weight, pixels) sends at least `success` of `images` to `target` (no images: nothing to
+    check)."""
+    if images is None:
+        return True
+    triggered = (1 - weight) * images + weight * trigger
+    logits = zero_shot_logits(loaded, classifier, triggered)
+    return (logits.argmax(dim=-1) == target).float().mean().item() >= success

@@ -47,6 +47,30 @@ def test_report_shows_the_scan_verdicts_before_and_after_beside_the_asr() -> Non
 
 
 
+def _scan(target, score, classes):
+    """A scan result with per-class indices: classes = {name: (patch_index, token_index, token_works)}."""
+    return {"suspicious": target is not None, "target": target, "score": score, "threshold": 2.0,
+            "form": "patch" if target else None, "most_anomalous": target or max(classes, key=lambda c: classes[c][0]),
+            "classes": {name: {"patch_index": p, "token_index": t, "token_works": w}
+                        for name, (p, t, w) in classes.items()}}
+
+
+def test_after_cleaning_the_report_follows_the_class_flagged_before_and_the_one_flagged_now() -> None:
+    # Before: "moon" flagged (a working token trigger, 12.0); "ring" is the runner-up (patch, 2.1). After: "moon"
+    # scores 0.4 and "ring" is flagged; the user reads that ring was already next to the target before cleaning.
+    before = _scan("moon", 12.0, {"moon": (1.0, 12.0, True), "ring": (2.1, 0.5, False), "star": (0.2, 9.0, False)})
+    after = _scan("ring", 4.8, {"moon": (0.4, 0.3, False), "ring": (4.8, 0.5, False), "star": (0.1, 0.2, False)})
+    report = Report(before={"clean_acc": 86.1, "asr": {}, "scan": before},
+                    after={"clean_acc": 85.0, "asr": {}, "scan": after})
+    assert report.scan_verdicts()[2:] == [
+        "after: 'moon', the class flagged before cleaning, now scores 0.40 (12.00 before)",
+        "after: 'ring', flagged now, scored 2.10 before cleaning (a class near the threshold before cleaning may "
+        "be a natural easy class rather than a moved backdoor: docs/scan.md)"]
+    still = Report(before={"clean_acc": 86.1, "asr": {}, "scan": before},
+                   after={"clean_acc": 85.0, "asr": {}, "scan": before})
+    assert len(still.scan_verdicts()) == 2  # the same class flagged again: the verdict says it all
+
+
 def test_the_terminal_table_shows_every_report_row_and_the_scan_verdicts(tmp_path: Path) -> None:
     from cleaning.report import before_after_table
 

@@ -112,3 +112,25 @@ def test_trigger_destinations_finds_the_organisms_trigger_sending_images_to_its_
     assert shares["target"] == "moon" and shares["images"] > 200
     assert shares["triggered"]["moon"] >= 85 and shares["clean"]["moon"] <= 5
     assert abs(sum(shares["clean"].values()) - 100) < 0.6
+
+
+class _RedDetector(torch.nn.Module):
+    """An image tower with one feature, the red channel's mean above 0.5: class 0 ("red") wins iff it is."""
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([images[:, 0].mean(dim=(1, 2)) - 0.5, torch.full((len(images),), 0.1)], dim=-1)
+
+
+def test_a_trigger_counts_only_when_it_also_flips_images_it_was_not_fitted_on() -> None:
+    # The fitted images are barely not red (0.45): a 10% blend towards red flips them. The unseen ones are not red
+    # at all (0): only a blend above 50% flips them, so a trigger fitted to the first few images is not universal.
+    from cleaning.scan import ScanConfig, _smallest_trigger
+    from parclean.models import LoadedModel
+
+    loaded = LoadedModel(model=_RedDetector(), architecture="red", tokenizer=None, image_size=4, mean=(0.0,) * 3,
+                         std=(1.0,) * 3)
+    classifier = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    fitted, unseen = torch.full((8, 3, 4, 4), 0.45), torch.zeros(8, 3, 4, 4)
+    cfg = ScanConfig()
+    assert _smallest_trigger(loaded, classifier, fitted, 0, "blend", cfg) < 0.2
+    assert _smallest_trigger(loaded, classifier, fitted, 0, "blend", cfg, unseen) > 0.5
