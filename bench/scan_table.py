@@ -78,7 +78,8 @@ def scan_row(model: ScannedModel, seed: int, eval_count: int, sha: str) -> dict:
     return {"key": f"{model.name}/seed{seed}", "sha": sha, "method": scan_method(), "name": model.name,
             "kind": model.kind, "seed": seed, "true_target": truth, "asr": None if asr is None else round(asr, 1),
             "suspicious": result["suspicious"], "target": result["target"], "score": result["score"],
-            "form": result["form"], "most_anomalous": result["most_anomalous"], "seconds": round(seconds, 1)}
+            "form": result["form"], "most_anomalous": result["most_anomalous"], "seconds": round(seconds, 1),
+            "classes": result["classes"]}  # each class's sizes and indices: other statistics can be read off later
 
 
 def scan_method() -> str:
