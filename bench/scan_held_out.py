@@ -16,24 +16,15 @@ import json
 import sys
 import time
 
-from bench.scan_table import TableConfig
+from bench.scan_table import TableConfig, scan_inputs
 from parclean.config import load_config
 
 
 def held_out_sizes(path: str, eval_count: int) -> dict:
-    import torch
-
-    from cleaning.report import EvalConfig, load_images
     from cleaning.scan import FORMS, ScanConfig, _others, _smallest_trigger, anomaly_indices
-    from parclean.evaluate import zero_shot_classifier
-    from parclean.models import load_model
 
-    torch.set_num_threads(1)
     cfg = ScanConfig()
-    loaded = load_model(weights=path)
-    loaded.model.eval().requires_grad_(False)
-    data = load_images(EvalConfig(count=eval_count), loaded.image_size)
-    classifier = zero_shot_classifier(loaded, data.classnames, ("a photo of a {}.",))
+    loaded, data, classifier = scan_inputs(path, eval_count)
     sizes = {(measure, form): [] for measure in ("fitted", "universal") for form in FORMS[:2]}
     for target in range(len(data.classnames)):
         images = _others(data, target, cfg)

@@ -17,7 +17,7 @@ import math
 import sys
 import time
 
-from bench.scan_table import TableConfig
+from bench.scan_table import TableConfig, scan_inputs
 from parclean.config import load_config
 
 HELD_OUT = 40
@@ -27,17 +27,10 @@ def probe(path: str, eval_count: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from cleaning.report import EvalConfig, load_images
     from cleaning.scan import ScanConfig, _others, anomaly_indices, paste_token, token_trigger, zero_shot_logits
-    from parclean.evaluate import zero_shot_classifier
-    from parclean.models import load_model
 
-    torch.set_num_threads(1)
     cfg = ScanConfig()
-    loaded = load_model(weights=path)
-    loaded.model.eval().requires_grad_(False)
-    data = load_images(EvalConfig(count=eval_count), loaded.image_size)
-    classifier = zero_shot_classifier(loaded, data.classnames, ("a photo of a {}.",))
+    loaded, data, classifier = scan_inputs(path, eval_count)
     classes = {}
     for target, name in enumerate(data.classnames):
         log_loss, rate, pattern = token_trigger(loaded, classifier, _others(data, target, cfg), target, cfg)
