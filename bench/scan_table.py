@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import multiprocessing
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -157,7 +158,33 @@ def markdown(rows: list[dict]) -> str:
               f"{BACKDOOR_ASR:g}%) flagged with the true target. False positives: {false_positives} of "
               f"{len(benign)} scans of the other models. Scan time {min(seconds):.0f}-{max(seconds):.0f} s "
               "per model and seed, one CPU thread."]
-    return "\n".join(lines + ["", seed_agreement(rows)])
+    lines += ["", seed_agreement(rows)]
+    if all("classes" in r for r in rows):
+        lines += ["", ratio_rule(rows)]
+    return "\n".join(lines)
+
+
+RATIO_CUT = 0.6  # stated in docs/scan-sweep.md before the rows it is measured on were scanned
+
+
+def ratio_target(row: dict) -> str | None:
+    """A candidate rule, not the scan's (session 13's hypothesis): the class whose fitted patch or blend trigger is
+    smallest relative to the median class's, flagged when under RATIO_CUT of it; else the scan's own token verdict."""
+    classes = row["classes"]
+    ratios = [(details[f"{form}_size"] / statistics.median(c[f"{form}_size"] for c in classes.values()), name)
+              for form in ("patch", "blend") for name, details in classes.items()]
+    ratio, name = min(ratios)
+    if ratio < RATIO_CUT:
+        return name
+    return row["target"] if row["suspicious"] and row["form"] == "token" else None
+
+
+def ratio_rule(rows: list[dict]) -> str:
+    poisoned = [r for r in rows if backdoored(r)]
+    benign = [r for r in rows if not backdoored(r)]
+    return (f"Candidate rule (a patch or blend trigger under {RATIO_CUT:g} of the median class's, else the token "
+            f"form's verdict): detection {sum(ratio_target(r) == r['true_target'] for r in poisoned)} of "
+            f"{len(poisoned)}, false positives {sum(ratio_target(r) is not None for r in benign)} of {len(benign)}.")
 
 
 def seed_agreement(rows: list[dict]) -> str:
