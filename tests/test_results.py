@@ -153,6 +153,25 @@ def test_a_sweep_over_several_methods_varies_tau_only_for_the_methods_that_have_
         "clip-blended/real/PAR/seed0-tau2.0-steps3", "clip-blended/real/FT/seed0-steps3"]
 
 
+def test_the_sweep_table_gives_the_spread_over_seeds_where_a_point_has_several(tmp_path):
+    from bench.results import sweep_markdown, sweep_rows
+
+    config = tiny_table(tmp_path, data=[{"name": "real", "shards": "unused"}], seeds=[0, 1],
+                        methods=[{"name": "PAR", "config": "configs/clean/toy-cpu.yaml"}],
+                        sweep={"organism": "clip-blended", "data": "real", "methods": ["PAR"], "tau": [1.5],
+                               "seeds": [0, 1]})
+    path = tmp_path / "results.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cfg = load_config(ResultsConfig, path)
+    row = {"organism": "clip-blended", "data": "real", "method": "PAR", "tau": 1.5, "steps": 2, "lr": 3e-4,
+           "d_img": 1.5}
+    rows = {"a": {**row, "seed": 0, "clean_acc": 83.4, "asr": 3.5}, "b": {**row, "seed": 1, "clean_acc": 79.2,
+            "asr": 1.1}, "c": {**row, "seed": 0, "tau": 1.0, "clean_acc": 82.0, "asr": 4.0}}
+    table = sweep_markdown(sweep_rows(cfg, rows))
+    assert "| PAR | 1.5 | 2 | 0.0003 | 2 | 81.3 ± 3.0 | 2.3 ± 1.7 | 1.50 |" in table
+    assert "| PAR | 1.0 | 2 | 0.0003 | 1 | 82.0 | 4.0 | 1.50 |" in table
+
+
 def test_only_selects_sweep_cells_by_lr_steps_and_tau(tmp_path):
     config = tiny_table(tmp_path, data=[{"name": "real", "shards": "unused"}],
                         methods=[{"name": "PAR", "config": "configs/clean/toy-cpu.yaml"},
