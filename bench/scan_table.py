@@ -158,7 +158,8 @@ def markdown(rows: list[dict]) -> str:
               f"{BACKDOOR_ASR:g}%) flagged with the true target. False positives: {false_positives} of "
               f"{len(benign)} scans of the other models. Scan time {min(seconds):.0f}-{max(seconds):.0f} s "
               "per model and seed, one CPU thread."]
-    lines += ["", seed_agreement(rows)]
+    if len({r["seed"] for r in rows}) > 1:
+        lines += ["", seed_agreement(rows)]
     if all("classes" in r for r in rows):
         lines += ["", ratio_rule(rows)]
     return "\n".join(lines)

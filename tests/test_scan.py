@@ -121,6 +121,7 @@ def test_the_median_ratio_rule_flags_the_class_whose_trigger_is_far_smaller_than
     assert [ratio_target(r) for r in (planted, natural, token)] == ["moon", None, "moon"]
     table = markdown([planted, natural, token])
     assert "under 0.6 of the median" in table and "detection 2 of 2" in table and "false positives 0 of 1" in table
+    assert "seeds name the same class" not in table  # one seed per model: nothing to agree on
 
 
 def test_trigger_destinations_finds_the_organisms_trigger_sending_images_to_its_target() -> None:
