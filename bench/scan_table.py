@@ -54,33 +54,34 @@ def weights_sha(path: str) -> str:
     return weights_fingerprint(file)
 
 
-def scan_inputs(path: str, eval_count: int) -> tuple:
-    """What a scan reads, for the bench's probes: the model (eval mode, frozen, one thread), `eval_count` toy
-    evaluation images and the zero-shot classifier of their class names."""
+def load_scanned(path: str, eval_count: int) -> tuple:
+    """The model (one torch thread) and `eval_count` toy evaluation images, as every scan in the bench reads them."""
     import torch
 
     from cleaning.report import EvalConfig, load_images
-    from parclean.evaluate import zero_shot_classifier
     from parclean.models import load_model
 
     torch.set_num_threads(1)
     loaded = load_model(weights=path)
+    return loaded, load_images(EvalConfig(count=eval_count), loaded.image_size)
+
+
+def scan_inputs(path: str, eval_count: int) -> tuple:
+    """What a scan reads, for the bench's probes: the model (eval mode, frozen, one thread), `eval_count` toy
+    evaluation images and the zero-shot classifier of their class names."""
+    from parclean.evaluate import zero_shot_classifier
+
+    loaded, data = load_scanned(path, eval_count)
     loaded.model.eval().requires_grad_(False)
-    data = load_images(EvalConfig(count=eval_count), loaded.image_size)
     return loaded, data, zero_shot_classifier(loaded, data.classnames, ("a photo of a {}.",))
 
 
 def scan_row(model: ScannedModel, seed: int, eval_count: int, sha: str) -> dict:
     """One scan of one model, with the organism's true target and the model's ASR on its trigger."""
-    import torch
-
-    from cleaning.report import EvalConfig, load_images, measure
+    from cleaning.report import EvalConfig, measure
     from cleaning.scan import ScanConfig, scan
-    from parclean.models import load_model
 
-    torch.set_num_threads(1)
-    loaded = load_model(weights=model.path)
-    data = load_images(EvalConfig(count=eval_count), loaded.image_size)
+    loaded, data = load_scanned(model.path, eval_count)
     start = time.perf_counter()
     result = scan(loaded, data, ScanConfig(seed=seed))
     seconds = time.perf_counter() - start
