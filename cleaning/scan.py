@@ -115,6 +115,37 @@ def verdict_text(result: dict[str, Any]) -> str:
             f"{result['most_anomalous']!r})")
 
 
+REFERENCE_THRESHOLD = 1.0  # halvings: flagged when a class's trigger is under half the size the reference needs
+
+
+def against_reference(result: dict[str, Any], reference: dict[str, Any],
+                      threshold: float = REFERENCE_THRESHOLD) -> dict[str, Any]:
+    """A scan read against a trusted reference model's scan (same images, class names, settings and seed): per class
+    and form, how many times (log2, "halvings") smaller this model's trigger is than the reference's for the same
+    class. A natural easy class is easy in both models and cancels; a planted target is easy only here. The token
+    form counts only for a class whose one-token trigger works here and not in the reference (its measure is the
+    loss, log10: the halvings of the loss). Flagged when the largest exceeds `threshold`. docs/scan.md."""
+    if set(result["classes"]) != set(reference["classes"]):
+        raise ValueError(f"reference scan has other classes ({sorted(reference['classes'])}) than the scanned model's "
+                         f"({sorted(result['classes'])})")
+    classes = {name: _halvings(mine, reference["classes"][name]) for name, mine in result["classes"].items()}
+    form, target = max(((f.removesuffix("_halvings"), name) for name, h in classes.items() for f in h),
+                       key=lambda fc: classes[fc[1]][f"{fc[0]}_halvings"])
+    score = classes[target][f"{form}_halvings"]
+    suspicious = score > threshold
+    return {"suspicious": suspicious, "target": target if suspicious else None, "score": round(score, 3),
+            "threshold": threshold, "form": form if suspicious else None, "most_anomalous": target,
+            "classes": classes}
+
+
+def _halvings(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float]:
+    halvings = {f"{form}_halvings": round(math.log2(max(theirs[f"{form}_size"], 1e-6) /
+                                                    max(mine[f"{form}_size"], 1e-6)), 3) for form in FORMS[:2]}
+    if mine.get("token_works", True) and not theirs.get("token_works", False):
+        halvings["token_halvings"] = round((theirs["token_size"] - mine["token_size"]) * math.log2(10), 3)
+    return halvings
+
+
 def anomaly_indices(values: list[float]) -> list[float]:
     """(median - value) / (1.4826 * MAD) per value: how far below the others' typical size it lies."""
     x = torch.tensor(values, dtype=torch.float64)

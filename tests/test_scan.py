@@ -154,3 +154,44 @@ def test_a_trigger_counts_only_when_it_also_flips_images_it_was_not_fitted_on() 
     cfg = ScanConfig()
     assert _smallest_trigger(loaded, classifier, fitted, 0, "blend", cfg) < 0.2
     assert _smallest_trigger(loaded, classifier, fitted, 0, "blend", cfg, unseen) > 0.5
+
+
+def _classes(patch: list[float], blend: list[float], token: list[float] | None = None,
+             works: list[bool] | None = None) -> dict:
+    token = token or [0.0] * len(patch)
+    works = works or [False] * len(patch)
+    return {"classes": {name: {"patch_size": p, "blend_size": b, "token_size": t, "token_works": w}
+                        for name, p, b, t, w in zip(CLASSES, patch, blend, token, works, strict=True)}}
+
+
+def test_against_a_reference_a_natural_easy_class_cancels_and_a_planted_target_stands_out() -> None:
+    from cleaning.scan import against_reference
+
+    reference = _classes([0.2, 0.2, 0.08, 0.2, 0.2], [0.3, 0.3, 0.12, 0.3, 0.3])  # "c" is easy in the trusted model
+    easy_here_too = against_reference(_classes([0.21, 0.19, 0.07, 0.2, 0.22], [0.3, 0.31, 0.11, 0.3, 0.29]), reference)
+    assert easy_here_too["suspicious"] is False and easy_here_too["score"] < 1
+    planted = against_reference(_classes([0.2, 0.2, 0.08, 0.2, 0.2], [0.3, 0.3, 0.12, 0.06, 0.3]), reference)
+    # "d" needs a blend a fifth of the reference's: log2(0.3 / 0.06) = 2.32 halvings, over the threshold of 1.
+    assert (planted["suspicious"], planted["target"], planted["form"]) == (True, "d", "blend")
+    assert planted["score"] == pytest.approx(2.322, abs=1e-3) and planted["threshold"] == 1.0
+    assert planted["classes"]["d"]["blend_halvings"] == pytest.approx(2.322, abs=1e-3)
+
+
+def test_against_a_reference_a_token_trigger_counts_only_where_the_reference_has_none() -> None:
+    from cleaning.scan import against_reference
+
+    same = [0.2] * 5
+    reference = _classes(same, same, token=[0.5, 0.5, 0.5, -1.0, 0.5], works=[False, False, False, True, False])
+    planted = _classes(same, same, token=[0.5, -2.0, 0.5, -2.5, 0.5], works=[False, True, False, True, False])
+    result = against_reference(planted, reference)
+    # "d" works in both models (a natural one-token class); "b" works only here, at a loss 10^2.5 times lower.
+    assert (result["target"], result["form"]) == ("b", "token") and result["score"] == pytest.approx(8.305, abs=1e-3)
+    assert "token_halvings" not in result["classes"]["d"]
+
+
+def test_against_a_reference_of_other_classes_is_refused() -> None:
+    from cleaning.scan import against_reference
+
+    other = {"classes": {"x": {"patch_size": 0.2, "blend_size": 0.3, "token_size": 0.0, "token_works": False}}}
+    with pytest.raises(ValueError, match="reference scan has other classes"):
+        against_reference(_classes([0.2] * 5, [0.3] * 5), other)
