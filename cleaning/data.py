@@ -38,6 +38,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from parclean.loader_workers import worker_context
 from parclean.shards import ShardError, read_manifest, scan_sample_offsets, shard_urls
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,8 @@ def _in_step_order(producer: _Producer, num_workers: int, stats: DataStats) -> I
 
 def _from_workers(producer: _Producer, num_workers: int) -> Iterator[_Item]:
     loader = torch.utils.data.DataLoader(
-        _WorkerSteps(producer), batch_size=None, num_workers=num_workers, collate_fn=_as_is
+        _WorkerSteps(producer), batch_size=None, num_workers=num_workers, collate_fn=_as_is,
+        multiprocessing_context=worker_context(),
     )
     iterator = iter(loader)
     try:

@@ -19,22 +19,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images-per-class", type=int, default=None,
                         help="clean images of each other class the inverted trigger must flip (default 4; 8 separates "
                         "a target from its look-alike class better, at twice the time)")
+    parser.add_argument("--reference", help="a trusted model of the same architecture (checkpoint, or an open_clip "
+                        "architecture name with --reference-pretrained): it is scanned too, and the verdict reads each "
+                        "class's trigger against the reference's (docs/scan.md, 'Against a trusted reference')")
+    parser.add_argument("--reference-pretrained", help="open_clip pretrained tag of --reference (needs the hub)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
 def run(args: argparse.Namespace) -> int:
     from cleaning.report import load_images
-    from cleaning.scan import ScanConfig, scan
+    from cleaning.scan import ScanConfig, against_reference, scan
 
     given = {"steps": args.steps, "images_per_class": args.images_per_class}
     scan_cfg = ScanConfig(threshold=args.threshold, seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     loaded, eval_cfg = model_and_eval(args)
+    reference = load_reference(args, loaded.image_size) if args.reference else None
     start = time.perf_counter()
-    result = scan(loaded, load_images(eval_cfg, loaded.image_size), scan_cfg, eval_cfg.template_strings())
+    data = load_images(eval_cfg, loaded.image_size)
+    result = scan(loaded, data, scan_cfg, eval_cfg.template_strings())
+    if reference is not None:
+        own = result
+        result = against_reference(own, scan(reference, data, scan_cfg, eval_cfg.template_strings()))
+        result.update(reference=args.reference, scan=own)
     result["seconds"] = round(time.perf_counter() - start, 1)
-    print(json.dumps(result) if args.json else table(args.model, result))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(reference_table(args.model, result) if reference is not None else table(args.model, result))
     return 0
+
+
+def load_reference(args: argparse.Namespace, image_size: int):
+    """The trusted reference model named by --reference (and --reference-pretrained); it must read the scanned
+    model's image size, as both are scanned on the same images."""
+    from parclean.models import load_model
+
+    if args.reference_pretrained:
+        reference = load_model(args.reference, pretrained=args.reference_pretrained)
+    else:
+        reference = load_model(args.architecture, weights=args.reference)
+    if reference.image_size != image_size:
+        raise ValueError(f"{args.reference}: the reference reads {reference.image_size} px images, the scanned model "
+                         f"{image_size} px; a reference must be of the same architecture")
+    return reference
 
 
 def table(model: str, result: dict[str, Any]) -> str:
@@ -49,4 +77,18 @@ def table(model: str, result: dict[str, Any]) -> str:
     lines.append(f"\n{result['seconds']:.0f} s. Smallest trigger (share of the image covered, or blend weight) "
                  "that sends the other classes' images to each class, and the loss one token-sized pattern reaches; "
                  "index = MADs below the median.")
+    return "\n".join(lines)
+
+
+def reference_table(model: str, result: dict[str, Any]) -> str:
+    """The verdict against the reference, the scan's own verdict, then each class's halvings per form."""
+    lines = [f"{model}: {verdict_text(result)} (against the reference {result['reference']})",
+             f"without the reference: {verdict_text(result['scan'])}", "",
+             f"{'class':<16}{'patch':>8}{'blend':>8}{'token':>8}"]
+    for name, row in result["classes"].items():
+        token = f"{row['token_halvings']:>8.2f}" if "token_halvings" in row else f"{'-':>8}"
+        lines.append(f"{name:<16}{row['patch_halvings']:>8.2f}{row['blend_halvings']:>8.2f}{token}")
+    lines.append(f"\n{result['seconds']:.0f} s. Halvings: log2 of how many times smaller each class's smallest trigger "
+                 "is here than in the reference (token: its loss, counted where only this model has a working "
+                 "one-token trigger).")
     return "\n".join(lines)

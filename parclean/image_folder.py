@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from parclean.imagenet import imagenet_classnames, imagenet_wnids, wnid_indices
+from parclean.loader_workers import worker_context
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -58,7 +59,8 @@ class ImageFolderSet:
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         workers = min(self.num_workers, -(-len(self) // batch_size))  # no idle workers on a small set
-        loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+        loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                            multiprocessing_context=worker_context() if workers else None)
         try:
             yield from loader
         except ValueError as err:  # from a worker, the message ends with the original one-line error

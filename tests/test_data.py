@@ -334,3 +334,18 @@ def test_toy_shards_in_parallel_are_the_same_bytes(tmp_path: Path) -> None:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     with pytest.raises(ValueError, match="jobs must be"):
         write_toy_shards(tmp_path / "three", 12, 3, shard_size=5, progress=False, jobs=0)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # a worker that died at shutdown
+def test_loader_workers_give_the_stream_after_a_prefect_flow_ran_in_this_process(prefect_harness, toy_set: Path,
+                                                                                 tokenizer, fresh: list[Batch]) -> None:
+    # The data-free flow cleans inside a Prefect flow run, whose services leave exit hooks that fail in a forked
+    # child (tests/test_evaluate.py has the same check for the eval loader).
+    from prefect import flow
+
+    @flow
+    def any_flow() -> int:
+        return 1
+
+    assert any_flow() == 1
+    assert_same(take(toy_set, tokenizer, 8, num_workers=2), fresh[:8])

@@ -145,3 +145,21 @@ def test_evaluation_runs_on_the_gpu_when_there_is_one_and_scores_what_the_cpu_sc
     on_cpu = measure(loaded, replace(cfg, device="cpu"))
     assert on_gpu["clean_acc"] == pytest.approx(on_cpu["clean_acc"], abs=0.5)
     assert on_gpu["asr"]["badnet"] == pytest.approx(on_cpu["asr"]["badnet"], abs=0.5)
+
+
+def test_loader_workers_still_work_after_a_prefect_flow_ran_in_this_process(prefect_harness, tmp_path,
+                                                                            tiny_clip_path):
+    # Prefect's log and event services register exit hooks that fail in a forked child: a worker forked after any
+    # flow run (the pipeline evaluates inside its flow) exited with code 1 when the loader shut it down.
+    from prefect import flow
+
+    from cleaning.report import EvalConfig, load_images
+
+    @flow
+    def any_flow() -> int:
+        return 1
+
+    assert any_flow() == 1
+    folder = write_image_folder(tmp_path / "set", {"cat": 6, "dog": 6})
+    cfg = EvalConfig(data=str(folder), count=12, target="dog", batch_size=4, num_workers=2, device="cpu")
+    assert load_images(cfg, 32).labels.tolist() == [0] * 6 + [1] * 6

@@ -195,3 +195,32 @@ def test_against_a_reference_of_other_classes_is_refused() -> None:
     other = {"classes": {"x": {"patch_size": 0.2, "blend_size": 0.3, "token_size": 0.0, "token_works": False}}}
     with pytest.raises(ValueError, match="reference scan has other classes"):
         against_reference(_classes([0.2] * 5, [0.3] * 5), other)
+
+
+def test_a_model_scanned_against_itself_is_not_flagged_and_the_cli_shows_both_verdicts(capsys) -> None:
+    model = str(MODELS / "v2" / "clip-badnet")
+    quick = ["--steps", "4", "--images-per-class", "1", "--set", "count=200"]
+    assert main(["scan", "--model", model, "--reference", model, "--json", *quick]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["suspicious"] is False and result["score"] == 0.0 and result["reference"] == model
+    assert {h for row in result["classes"].values() for h in row.values()} == {0.0}
+    assert set(result["scan"]["classes"]) == set(result["classes"])  # the model's own scan rides along
+    assert main(["scan", "--model", model, "--reference", model, *quick]) == 0
+    table = capsys.readouterr().out
+    assert "no backdoor found" in table.splitlines()[0] and "against the reference" in table.splitlines()[0]
+    assert table.splitlines()[1].startswith("without the reference: ")
+
+
+def test_a_reference_of_another_image_size_is_one_line(tmp_path: Path, capsys) -> None:
+    import open_clip
+
+    from parclean.models import create_model, save_model
+
+    config = json.loads((MODELS.parents[1] / "parclean" / "model_configs" / "tiny-test.json").read_text())
+    config["vision_cfg"]["image_size"] = 48
+    (tmp_path / "tiny-test-48.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "tiny-test-48.json")
+    other = save_model(create_model("tiny-test-48", seed=0), tmp_path / "other.safetensors")
+    assert main(["scan", "--model", str(MODELS / "v2" / "clip-badnet"), "--reference", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "other.safetensors" in err and "48 px" in err and "\n" not in err
