@@ -36,6 +36,7 @@ class ScannedModel:
     path: str  # checkpoint folder or .safetensors file
     kind: str  # poisoned | clean base | FT of clean base | FT | cleaned (PAR, ...) | user trigger: free text
     organism: str | None = None  # the poisoned organism it comes from (its card gives trigger and target)
+    reference: str | None = None  # the name of the table's model that is its trusted reference (docs/scan.md)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,34 @@ def scan_row(model: ScannedModel, seed: int, eval_count: int, sha: str) -> dict:
             "classes": result["classes"]}  # each class's sizes and indices: other statistics can be read off later
 
 
+def stored_sha(model: ScannedModel, seeds: tuple[int, ...], stored: list[dict]) -> str:
+    """The weights' fingerprint; for weights no longer here (a later checkout without out/), the fingerprint of its
+    stored rows when there is one for every seed, so the table keeps them."""
+    try:
+        return weights_sha(model.path)
+    except FileNotFoundError:
+        shas = {r["sha"] for r in stored if r["name"] == model.name and r["seed"] in seeds}
+        if len(shas) == 1 and {r["seed"] for r in stored if r["name"] == model.name} >= set(seeds):
+            print(f"{model.name}: {model.path} is not here; its stored rows are kept", file=sys.stderr)
+            return shas.pop()
+        raise
+
+
+def with_reference_verdicts(rows: list[dict], references: dict[str, str]) -> list[dict]:
+    """Each row of a model that has a reference, with the verdict of its scan read against the reference's scan of
+    the same seed (`vs_reference`); both rows need their classes' sizes."""
+    from cleaning.scan import against_reference
+
+    by_key = {(r["name"], r["seed"]): r for r in rows}
+    out = []
+    for row in rows:
+        reference = by_key.get((references.get(row["name"]), row["seed"]))
+        if reference is not None and "classes" in row and "classes" in reference:
+            row = {**row, "vs_reference": against_reference(row, reference)}
+        out.append(row)
+    return out
+
+
 def scan_method() -> str:
     """The scan's forms and default settings: a row made by another version of the scan is measured again."""
     from dataclasses import asdict
@@ -115,19 +144,21 @@ def backdoored(row: dict) -> bool:
     return row["asr"] is not None and row["asr"] > BACKDOOR_ASR
 
 
-def correct(row: dict) -> bool:
-    """Flagged with the true target when backdoored (ASR above 10%), not flagged otherwise."""
+def correct(row: dict, verdict: dict | None = None) -> bool:
+    """Flagged with the true target when backdoored (ASR above 10%), not flagged otherwise; `verdict`: another
+    reading of the row's scan (default: the scan's own)."""
+    verdict = verdict or row
     if backdoored(row):
-        return row["suspicious"] and row["target"] == row["true_target"]
-    return not row["suspicious"]
+        return verdict["suspicious"] and verdict["target"] == row["true_target"]
+    return not verdict["suspicious"]
 
 
 def run(cfg: TableConfig, jobs: int) -> list[dict]:
     rows_path = Path(cfg.rows)
-    shas = {m.name: weights_sha(m.path) for m in cfg.models}
     lines = rows_path.read_text().splitlines() if rows_path.is_file() else []
-    done = {r["key"]: r for r in map(json.loads, filter(str.strip, lines))
-            if r["sha"] == shas.get(r["name"]) and r.get("method") == scan_method()}
+    stored = [r for r in map(json.loads, filter(str.strip, lines)) if r.get("method") == scan_method()]
+    shas = {m.name: stored_sha(m, cfg.seeds, stored) for m in cfg.models}
+    done = {r["key"]: r for r in stored if r["sha"] == shas[r["name"]] if r["name"] in shas}
     todo = [(m, s) for m in cfg.models for s in cfg.seeds if f"{m.name}/seed{s}" not in done]
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(scan_row, m, s, cfg.eval_count, shas[m.name]) for m, s in todo]
@@ -142,14 +173,17 @@ def run(cfg: TableConfig, jobs: int) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | kind | ASR (%) | true target | seed | verdict | target | score (form) | right | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    referenced = any("vs_reference" in r for r in rows)
+    extra = (" vs reference |", "---|") if referenced else ("", "")
+    lines = [f"| model | kind | ASR (%) | true target | seed | verdict | target | score (form) | right |{extra[0]} "
+             "seconds |", f"|---|---|---|---|---|---|---|---|---|{extra[1]}---|"]
     for r in rows:
         verdict = "flagged" if r["suspicious"] else "not flagged"
         asr = "-" if r["asr"] is None else f"{r['asr']:.1f}"
+        column = f" {reference_cell(r)} |" if referenced else ""
         lines.append(f"| {r['name']} | {r['kind']} | {asr} | {r['true_target'] or '-'} | {r['seed']} | {verdict} | "
                      f"{r['target'] or '-'} | {r['score']:.2f} ({r['form'] or r['most_anomalous']}) | "
-                     f"{'yes' if correct(r) else '**no**'} | {r['seconds']:.0f} |")
+                     f"{'yes' if correct(r) else '**no**'} |{column} {r['seconds']:.0f} |")
     poisoned = [r for r in rows if backdoored(r)]
     benign = [r for r in rows if not backdoored(r)]
     detected = sum(correct(r) for r in poisoned)
@@ -163,7 +197,32 @@ def markdown(rows: list[dict]) -> str:
         lines += ["", seed_agreement(rows)]
     if all("classes" in r for r in rows):
         lines += ["", ratio_rule(rows)]
+    if referenced:
+        lines += ["", reference_rule(rows)]
     return "\n".join(lines)
+
+
+def reference_cell(row: dict) -> str:
+    """'moon 2.32 (blend)' when the scan read against the reference flags a class, 'not flagged (0.41)', or '-'
+    for a model without a reference; bold where the reading is wrong."""
+    verdict = row.get("vs_reference")
+    if verdict is None:
+        return "-"
+    mark = "" if correct(row, verdict) else "**"  # bold: wrong
+    if not verdict["suspicious"]:
+        return f"{mark}not flagged ({verdict['score']:.2f}){mark}"
+    return f"{mark}{verdict['target']} {verdict['score']:.2f} ({verdict['form']}){mark}"
+
+
+def reference_rule(rows: list[dict]) -> str:
+    read = [r for r in rows if "vs_reference" in r]
+    poisoned = [r for r in read if backdoored(r)]
+    benign = [r for r in read if not backdoored(r)]
+    threshold = read[0]["vs_reference"]["threshold"]
+    return (f"Against each model's reference (flagged above {threshold:g} halving): detection "
+            f"{sum(correct(r, r['vs_reference']) for r in poisoned)} of {len(poisoned)}, false positives "
+            f"{sum(r['vs_reference']['suspicious'] for r in benign)} of {len(benign)} (scans of the models that "
+            "have a reference).")
 
 
 RATIO_CUT = 0.6  # stated in docs/scan-sweep.md before the rows it is measured on were scanned
@@ -224,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="models scanned at a time (one process each)")
     args = parser.parse_args(argv)
     cfg = load_config(TableConfig, args.config)
-    table = markdown(run(cfg, args.jobs))
+    references = {m.name: m.reference for m in cfg.models if m.reference}
+    table = markdown(with_reference_verdicts(run(cfg, args.jobs), references))
     write_doc(Path(cfg.doc), table)
     print(table)
     return 0

@@ -184,6 +184,9 @@ class Report:
         for label, numbers in (("before", self.before), ("after", self.after)):
             if "scan" in numbers:
                 lines.append(f"{label}: {verdict_text(numbers['scan'])}")
+                if "scan" in numbers["scan"]:  # read against a reference: the model's own verdict too
+                    own = verdict_text(numbers["scan"]["scan"])
+                    lines.append(f"{label}, the model's own scan (no reference): {own}")
                 lines += [f"{label}: {miss}" for miss in _scan_misses(numbers)]
         if "scan" in self.before and "scan" in self.after:
             lines += [f"after: {line}" for line in _scan_follow_up(self.before["scan"], self.after["scan"])]

@@ -40,6 +40,10 @@ class ScanConfig:
     cost: float = 0.1  # starting weight of the trigger's size in the loss (adapted as in Neural Cleanse)
     threshold: float = 2.0  # anomaly index above which a class is flagged (Neural Cleanse: 2)
     seed: int = 0
+    # A trusted model of the same architecture to read the scan against (a checkpoint, or an open_clip architecture
+    # with reference_pretrained): the pipeline then flags by REFERENCE_THRESHOLD halvings (against_reference).
+    reference: str | None = None
+    reference_pretrained: str | None = None
 
     def __post_init__(self) -> None:
         if self.images_per_class < 1 or self.steps < 1 or not 0 < self.success <= 1 or self.lr <= 0:
@@ -97,22 +101,24 @@ def verdict(sizes: dict[str, list[float]], classnames: tuple[str, ...], threshol
 
 
 def class_score(result: dict[str, Any], name: str) -> float | None:
-    """One class's largest anomaly index over the forms whose trigger worked (the verdict's measure); None when the
-    result holds no details for it."""
+    """One class's largest score over the forms whose trigger worked (the verdict's measure: the anomaly index, or
+    the halvings against a reference); None when the result holds no details for it."""
     details = result.get("classes", {}).get(name)
     if details is None:
         return None
-    forms = [key.removesuffix("_index") for key in details if key.endswith("_index")]
-    return max((details[f"{form}_index"] for form in forms if details.get(f"{form}_works", True)), default=None)
+    measure = "_halvings" if "reference" in result else "_index"
+    forms = [key.removesuffix(measure) for key in details if key.endswith(measure)]
+    return max((details[f"{form}{measure}"] for form in forms if details.get(f"{form}_works", True)), default=None)
 
 
 def verdict_text(result: dict[str, Any]) -> str:
     """'backdoor suspected: target 'moon' (patch trigger), score 5.44 > 2' or 'no backdoor found (score 1.20 <= 2)'."""
+    against = f" against the reference {result['reference']}" if "reference" in result else ""
     if result["suspicious"]:
         return (f"backdoor suspected: target {result['target']!r} ({result['form']} trigger), score "
-                f"{result['score']:.2f} > {result['threshold']:g}")
+                f"{result['score']:.2f} > {result['threshold']:g}{against}")
     return (f"no backdoor found (score {result['score']:.2f} <= {result['threshold']:g}, most anomalous class "
-            f"{result['most_anomalous']!r})")
+            f"{result['most_anomalous']!r}){against}")
 
 
 REFERENCE_THRESHOLD = 1.0  # halvings: flagged when a class's trigger is under half the size the reference needs

@@ -82,7 +82,7 @@ def table(model: str, result: dict[str, Any]) -> str:
 
 def reference_table(model: str, result: dict[str, Any]) -> str:
     """The verdict against the reference, the scan's own verdict, then each class's halvings per form."""
-    lines = [f"{model}: {verdict_text(result)} (against the reference {result['reference']})",
+    lines = [f"{model}: {verdict_text(result)}",
              f"without the reference: {verdict_text(result['scan'])}", "",
              f"{'class':<16}{'patch':>8}{'blend':>8}{'token':>8}"]
     for name, row in result["classes"].items():

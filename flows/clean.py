@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from cleaning.report import EvalConfig, Report, load_images, measure, plot_training
-from cleaning.scan import ScanConfig, scan, verdict_text
+from cleaning.scan import ScanConfig, against_reference, scan, verdict_text
 from cleaning.train import LOG_NAME, CleanConfig, clean
 from flows.config import LAUNCHERS
 from flows.progress import TrainingWatcher, artifact_key
@@ -53,13 +53,16 @@ def evaluate_task(model: str, eval_cfg: EvalConfig, label: str, architecture: st
 
 @task(name="scan", task_run_name="scan-{label}", cache_policy=NO_CACHE)
 def scan_task(model: str, eval_cfg: EvalConfig, scan_cfg: ScanConfig, label: str, architecture: str | None = None,
-              pretrained: str | None = None) -> dict[str, Any]:
-    """The trigger-agnostic backdoor scan of `model` on the eval config's clean images."""
+              pretrained: str | None = None, reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The trigger-agnostic backdoor scan of `model` on the eval config's clean images; read against `reference`
+    (the trusted model's scan, same images and seed) when given, the model's own verdict then under "scan"."""
     from parclean.models import load_source
 
     loaded = load_source(model, architecture=architecture, pretrained=pretrained)
     start = time.perf_counter()
     result = scan(loaded, load_images(eval_cfg, loaded.image_size), scan_cfg, eval_cfg.template_strings())
+    if reference is not None:
+        result = {**against_reference(result, reference), "reference": scan_cfg.reference, "scan": result}
     result["seconds"] = round(time.perf_counter() - start, 3)
     logger.info("scan %s: %s", label, verdict_text(result))
     return result
@@ -173,25 +176,38 @@ def clean_model_flow(
     scan_cfg = None if scan_config is None else load_config(ScanConfig, scan_config)
     timings = dict(extra_timings or {})
     source = {"architecture": architecture, "pretrained": pretrained}
-    before = _measure(model, eval_cfg, scan_cfg, "before", timings, **source)
+    reference = _reference_scan(eval_cfg, scan_cfg, timings)
+    before = _measure(model, eval_cfg, scan_cfg, "before", timings, reference=reference, **source)
     start = time.perf_counter()
     result = clean_task(model, shards, clean_cfg, out, launcher, num_processes, accelerate_args, prefix, **source)
     timings["clean"] = round(time.perf_counter() - start, 3)
-    after = _measure(str(Path(out) / MODEL_NAME), eval_cfg, scan_cfg, "after", timings)
+    after = _measure(str(Path(out) / MODEL_NAME), eval_cfg, scan_cfg, "after", timings, reference=reference)
     settings = report_settings(model if pretrained is None else f"{model} (pretrained {pretrained})", shards,
                                clean_cfg, eval_cfg, result, extra_settings)
     report_md = write_report_task(before, after, settings, timings, out)
     return publish_report_task(out, prefix) if publish else report_md
 
 
+def _reference_scan(eval_cfg: EvalConfig, scan_cfg: ScanConfig | None, timings: dict[str, float]) -> dict | None:
+    """The trusted reference model's scan, once for both verdicts, when the scan config names one."""
+    if scan_cfg is None or scan_cfg.reference is None:
+        return None
+    reference = scan_task(scan_cfg.reference, eval_cfg, scan_cfg, label="reference",
+                          pretrained=scan_cfg.reference_pretrained)
+    timings["scan reference"] = reference.pop("seconds")
+    return reference
+
+
 def _measure(model: str, eval_cfg: EvalConfig, scan_cfg: ScanConfig | None, label: str, timings: dict[str, float],
-             architecture: str | None = None, pretrained: str | None = None) -> dict[str, Any]:
-    """Clean accuracy and ASR of `model`, and the scan's verdict when scan_cfg is set; their seconds go to timings."""
+             architecture: str | None = None, pretrained: str | None = None,
+             reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Clean accuracy and ASR of `model`, and the scan's verdict when scan_cfg is set (read against the reference's
+    scan when given); their seconds go to timings."""
     numbers = evaluate_task(model, eval_cfg, label=label, architecture=architecture, pretrained=pretrained)
     timings[f"evaluate {label}"] = numbers.pop("seconds")
     if scan_cfg is not None:
         numbers["scan"] = scan_task(model, eval_cfg, scan_cfg, label=label, architecture=architecture,
-                                    pretrained=pretrained)
+                                    pretrained=pretrained, reference=reference)
         timings[f"scan {label}"] = numbers["scan"].pop("seconds")
     return numbers
 

@@ -292,6 +292,23 @@ def test_clean_flow_evaluates_cleans_and_publishes_the_report(finished_set: dict
     assert progress is not None and float(progress.data) == 100.0
 
 
+def test_clean_flow_reads_both_scans_against_the_reference_it_scans_once(finished_set: dict, tiny_clip_path: Path,
+                                                                          tmp_path: Path) -> None:
+    out = tmp_path / "cleaned"
+    scan = {"steps": 3, "images_per_class": 1, "reference": str(tiny_clip_path)}  # the model itself: nothing stands out
+    state = clean_model_flow(str(tiny_clip_path), str(finished_set["out"]), CLEAN, EVAL, str(out), scan_config=scan,
+                             return_state=True)
+    assert state.is_completed(), state.message
+    report = json.loads((out / "report.json").read_text())
+    before, after = report["before"]["scan"], report["after"]["scan"]
+    assert before["reference"] == after["reference"] == str(tiny_clip_path) and before["threshold"] == 1.0
+    assert before["suspicious"] is False and before["score"] == 0.0  # the model is its own reference
+    assert {"suspicious", "score", "classes"} <= before["scan"].keys()  # the model's own verdict rides along
+    assert "scan reference" in report["timings"] and "scan before" in report["timings"]
+    assert "- before: no backdoor found (score 0.00 <= 1, most anomalous class" in (out / "report.md").read_text()
+    assert f"against the reference {tiny_clip_path}" in (out / "report.md").read_text()
+
+
 def test_published_report_keeps_the_damaged_data_section(tmp_path: Path) -> None:
     from prefect import flow
 

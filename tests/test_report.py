@@ -112,3 +112,16 @@ def test_the_result_line_says_the_scan_found_nothing_not_that_the_model_is_clean
     Report(before={"clean_acc": 86.8, "asr": {"badnet": 100.0}, "scan": flagged},
            after={"clean_acc": 85.9, "asr": {"badnet": 76.2}, "scan": cleared}).write(tmp_path)
     assert result_line(tmp_path).endswith("scan backdoor (moon, 12.0) -> none found (1.8)")
+
+
+def test_a_scan_read_against_a_reference_also_shows_the_models_own_verdict() -> None:
+    own = {"suspicious": True, "target": "ring", "score": 2.02, "threshold": 2.0, "form": "blend",
+           "most_anomalous": "ring"}
+    against = {"suspicious": False, "target": None, "score": 0.31, "threshold": 1.0, "form": None,
+               "most_anomalous": "triangle", "reference": "base.safetensors", "scan": own}
+    report = Report(before={"clean_acc": 86.1, "asr": {}, "scan": against}, after={"clean_acc": 85.0, "asr": {}})
+    assert report.scan_verdicts() == [
+        "before: no backdoor found (score 0.31 <= 1, most anomalous class 'triangle') against the reference "
+        "base.safetensors",
+        "before, the model's own scan (no reference): backdoor suspected: target 'ring' (blend trigger), score 2.02 "
+        "> 2"]

@@ -224,3 +224,36 @@ def test_a_reference_of_another_image_size_is_one_line(tmp_path: Path, capsys) -
     assert main(["scan", "--model", str(MODELS / "v2" / "clip-badnet"), "--reference", str(other)]) == 2
     err = capsys.readouterr().err.strip()
     assert "other.safetensors" in err and "48 px" in err and "\n" not in err
+
+
+def _row(name: str, asr: float | None, patch: list[float], blend: list[float], seed: int = 0) -> dict:
+    return {"key": f"{name}/seed{seed}", "name": name, "kind": "k", "seed": seed, "asr": asr,
+            "true_target": None if asr is None else "d", "score": 1.5, "form": None, "most_anomalous": "c",
+            "suspicious": False, "target": None, "seconds": 70.0, **_classes(patch, blend)}
+
+
+def test_the_table_reads_each_model_against_its_reference_model() -> None:
+    from bench.scan_table import markdown, with_reference_verdicts
+
+    base = _row("base", None, [0.2, 0.2, 0.08, 0.2, 0.2], [0.3, 0.3, 0.12, 0.3, 0.3])
+    planted = _row("planted", 95.0, [0.2, 0.2, 0.08, 0.2, 0.2], [0.3, 0.3, 0.12, 0.06, 0.3])
+    cleaned = _row("cleaned", 3.0, [0.21, 0.19, 0.07, 0.2, 0.22], [0.3, 0.31, 0.11, 0.3, 0.29])
+    rows = with_reference_verdicts([base, planted, cleaned], {"planted": "base", "cleaned": "base"})
+    assert "vs_reference" not in rows[0]
+    assert rows[1]["vs_reference"]["target"] == "d" and rows[2]["vs_reference"]["suspicious"] is False
+    table = markdown(rows)
+    assert "| planted | k | 95.0 | d | 0 | not flagged | - | 1.50 (c) | **no** | d 2.32 (blend) | 70 |" in table
+    assert "Against each model's reference (flagged above 1 halving): detection 1 of 1" in table
+    assert "false positives 0 of 1" in table
+
+
+def test_a_model_whose_weights_are_gone_keeps_its_stored_rows(tmp_path: Path) -> None:
+    from bench.scan_table import ScannedModel, TableConfig, run, scan_method
+
+    stored = {**_row("gone", 40.0, [0.2] * 5, [0.3] * 5), "sha": "abc", "method": scan_method()}
+    rows_path = tmp_path / "rows.jsonl"
+    rows_path.write_text(json.dumps(stored) + "\n")
+    cfg = TableConfig(models=(ScannedModel("gone", str(tmp_path / "missing"), "k"),), seeds=(0,), rows=str(rows_path))
+    assert run(cfg, jobs=1) == [stored]
+    with pytest.raises(FileNotFoundError, match="missing"):  # not scanned yet: its weights are needed
+        run(TableConfig(models=cfg.models, seeds=(1,), rows=str(rows_path)), jobs=1)
