@@ -257,3 +257,12 @@ def test_a_model_whose_weights_are_gone_keeps_its_stored_rows(tmp_path: Path) ->
     assert run(cfg, jobs=1) == [stored]
     with pytest.raises(FileNotFoundError, match="missing"):  # not scanned yet: its weights are needed
         run(TableConfig(models=cfg.models, seeds=(1,), rows=str(rows_path)), jobs=1)
+
+
+@pytest.mark.parametrize("rows", ["scan.jsonl", "scan-sweep.jsonl", "scan-reference.jsonl"])
+def test_the_shipped_scan_rows_stay_current_when_the_scan_config_gains_a_setting_that_does_not_change_a_scan(
+        rows: str) -> None:
+    from bench.scan_table import scan_method
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    assert {json.loads(line)["method"] for line in (docs / rows).read_text().splitlines()} == {scan_method()}
