@@ -45,10 +45,25 @@ def check_inputs(cfg: PipelineConfig) -> list[str]:
     """The CLIP checkpoint, the generator, the prompt bank, the eval set and the triggers."""
     clip, image_size, architecture = check_clip(cfg.model, cfg.architecture, cfg.pretrained)
     return [f"CLIP model: {clip}",
+            *check_scan_reference(cfg, image_size),
             f"generator: {check_generator(cfg.generate, cfg.tiny_sd)}",
             f"prompt bank: {check_bank(cfg.generate)}",
             f"eval set: {check_eval_set(with_eval_data(cfg.eval, architecture), image_size)}",
             f"triggers: {check_triggers(cfg.eval, image_size)}"]
+
+
+def check_scan_reference(cfg: PipelineConfig, image_size: int) -> list[str]:
+    """The scan's trusted reference model, when the config names one: a CLIP that reads the model's image size."""
+    if cfg.scan is None or cfg.scan.reference is None:
+        return []
+    try:
+        summary, reference_size, _ = check_clip(cfg.scan.reference, None, cfg.scan.reference_pretrained)
+    except PreflightError as err:
+        raise PreflightError(f"scan.reference: {str(err).removeprefix('model: ')}") from None
+    if reference_size != image_size:
+        raise PreflightError(f"scan.reference: {cfg.scan.reference} reads {reference_size} px images, the model "
+                             f"{image_size} px; the reference must be of the model's architecture")
+    return [f"scan reference: {summary}"]
 
 
 def check_clip(model: str, architecture: str | None = None,

@@ -141,6 +141,8 @@ BAD_INPUTS = {
     "real CLIP without an eval set": (lambda s, t, sd: (s.update(model=real_architecture_header(t)),
                                                         s["eval"].pop("data")),
                                       "eval.data: ViT-S-32 is a real CLIP architecture and no eval data was chosen"),
+    "missing scan reference": (lambda s, t, sd: s.update(scan={"reference": str(t / "base.safetensors")}),
+                               "scan.reference: CLIP checkpoint TMP/base.safetensors not found"),
     "missing generator": (lambda s, t, sd: s["generate"].update(model=str(t / "no-sd")),
                           "generate.model: diffusers pipeline folder TMP/no-sd not found"),
     "generator without unet": (lambda s, t, sd: s["generate"].update(model=generator_without_unet(t, sd)),
