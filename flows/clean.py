@@ -64,7 +64,8 @@ def scan_task(model: str, eval_cfg: EvalConfig, scan_cfg: ScanConfig, label: str
     if reference is not None:
         result = {**against_reference(result, reference), "reference": scan_cfg.reference, "scan": result}
     result["seconds"] = round(time.perf_counter() - start, 3)
-    logger.info("scan %s: %s", label, verdict_text(result))
+    trusted = " (the trusted model the verdicts are read against; its own scan)" if label == "reference" else ""
+    logger.info("scan %s%s: %s", label, trusted, verdict_text(result))
     return result
 
 
