@@ -14,14 +14,16 @@ noise, so that the JPEGs are about the size of generated ones).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import multiprocessing
+import os
 import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ import PIL.Image
 import webdataset  # noqa: F401 - registers webdataset.gopen, patched below
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
+from parclean.loader_workers import START_METHOD_VARIABLE
 from parclean.shards import Sample, read_manifest, sample_key, write_manifest, write_shard
 
 PROTOCOL = "counted"
@@ -84,6 +87,21 @@ class Reading:
         return self.bytes_read / self.samples
 
 
+@contextlib.contextmanager
+def forked_workers() -> Iterator[None]:
+    """DataLoader workers forked, so they add to this process's counter (the loader's default start method,
+    forkserver, shares no memory with them); the setting is restored after."""
+    previous = os.environ.get(START_METHOD_VARIABLE)
+    os.environ[START_METHOD_VARIABLE] = "fork"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[START_METHOD_VARIABLE]
+        else:
+            os.environ[START_METHOD_VARIABLE] = previous
+
+
 def measure(folder: str | Path, processes: int, workers: int, *, steps: int, global_batch_size: int,
             image_size: int, tokenizer: Callable, seed: int = 0) -> Reading:
     """Consume `steps` batches on each of `processes` ranks (one after another), counting the shard bytes read."""
@@ -91,9 +109,9 @@ def measure(folder: str | Path, processes: int, workers: int, *, steps: int, glo
 
     before, began = tar_bytes_read(), time.perf_counter()
     for rank in range(processes):
-        with batches(f"{PROTOCOL}://{Path(folder).resolve()}", image_size=image_size, tokenizer=tokenizer,
-                     global_batch_size=global_batch_size, seed=seed, rank=rank, world_size=processes,
-                     num_workers=workers) as stream:
+        with forked_workers(), batches(f"{PROTOCOL}://{Path(folder).resolve()}", image_size=image_size,
+                                       tokenizer=tokenizer, global_batch_size=global_batch_size, seed=seed,
+                                       rank=rank, world_size=processes, num_workers=workers) as stream:
             for _ in itertools.islice(stream, steps):
                 pass
     return Reading(processes, workers, steps, steps * global_batch_size, tar_bytes_read() - before,
