@@ -19,6 +19,9 @@ if "prefect" not in sys.modules:
     atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
     os.environ["PREFECT_HOME"] = _PREFECT_HOME
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    # What `parclean` sets before it imports Prefect (flows/serve.py): tests that call its main() in this process
+    # start the temporary server under Prefect's settings as read here, and 20 s timed out beside the other worker.
+    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
     os.environ.pop("PREFECT_API_URL", None)
 
 
