@@ -124,7 +124,7 @@ def with_reference_verdicts(rows: list[dict], references: dict[str, str]) -> lis
     for row in rows:
         reference = by_key.get((references.get(row["name"]), row["seed"]))
         if reference is not None and "classes" in row and "classes" in reference:
-            row = {**row, "vs_reference": against_reference(row, reference)}
+            row = {**row, "vs_reference": against_reference(row, reference, reference["name"])}
         out.append(row)
     return out
 

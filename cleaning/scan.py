@@ -124,13 +124,14 @@ def verdict_text(result: dict[str, Any]) -> str:
 REFERENCE_THRESHOLD = 1.0  # halvings: flagged when a class's trigger is under half the size the reference needs
 
 
-def against_reference(result: dict[str, Any], reference: dict[str, Any],
+def against_reference(result: dict[str, Any], reference: dict[str, Any], name: str = "the reference model",
                       threshold: float = REFERENCE_THRESHOLD) -> dict[str, Any]:
     """A scan read against a trusted reference model's scan (same images, class names, settings and seed): per class
     and form, how many times (log2, "halvings") smaller this model's trigger is than the reference's for the same
     class. A natural easy class is easy in both models and cancels; a planted target is easy only here. The token
     form counts only for a class whose one-token trigger works here and not in the reference (its measure is the
-    loss, log10: the halvings of the loss). Flagged when the largest exceeds `threshold`. docs/scan.md."""
+    loss, log10: the halvings of the loss). Flagged when the largest exceeds `threshold`. The reading keeps the
+    reference's `name` and the model's own verdict (`scan`). docs/scan.md."""
     if set(result["classes"]) != set(reference["classes"]):
         raise ValueError(f"reference scan has other classes ({sorted(reference['classes'])}) than the scanned model's "
                          f"({sorted(result['classes'])})")
@@ -141,7 +142,7 @@ def against_reference(result: dict[str, Any], reference: dict[str, Any],
     suspicious = score > threshold
     return {"suspicious": suspicious, "target": target if suspicious else None, "score": round(score, 3),
             "threshold": threshold, "form": form if suspicious else None, "most_anomalous": target,
-            "classes": classes}
+            "classes": classes, "reference": name, "scan": result}
 
 
 def _halvings(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float]:

@@ -39,9 +39,7 @@ def run(args: argparse.Namespace) -> int:
     data = load_images(eval_cfg, loaded.image_size)
     result = scan(loaded, data, scan_cfg, eval_cfg.template_strings())
     if reference is not None:
-        own = result
-        result = against_reference(own, scan(reference, data, scan_cfg, eval_cfg.template_strings()))
-        result.update(reference=args.reference, scan=own)
+        result = against_reference(result, scan(reference, data, scan_cfg, eval_cfg.template_strings()), args.reference)
     result["seconds"] = round(time.perf_counter() - start, 1)
     if args.json:
         print(json.dumps(result))

@@ -62,7 +62,7 @@ def scan_task(model: str, eval_cfg: EvalConfig, scan_cfg: ScanConfig, label: str
     start = time.perf_counter()
     result = scan(loaded, load_images(eval_cfg, loaded.image_size), scan_cfg, eval_cfg.template_strings())
     if reference is not None:
-        result = {**against_reference(result, reference), "reference": scan_cfg.reference, "scan": result}
+        result = against_reference(result, reference, scan_cfg.reference)
     result["seconds"] = round(time.perf_counter() - start, 3)
     trusted = " (the trusted model the verdicts are read against; its own scan)" if label == "reference" else ""
     logger.info("scan %s%s: %s", label, trusted, verdict_text(result))
