@@ -159,7 +159,7 @@ def run(cfg: TableConfig, jobs: int) -> list[dict]:
     lines = rows_path.read_text().splitlines() if rows_path.is_file() else []
     stored = [r for r in map(json.loads, filter(str.strip, lines)) if r.get("method") == scan_method()]
     shas = {m.name: stored_sha(m, cfg.seeds, stored) for m in cfg.models}
-    done = {r["key"]: r for r in stored if r["sha"] == shas[r["name"]] if r["name"] in shas}
+    done = {r["key"]: r for r in stored if r["sha"] == shas.get(r["name"])}
     todo = [(m, s) for m in cfg.models for s in cfg.seeds if f"{m.name}/seed{s}" not in done]
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(scan_row, m, s, cfg.eval_count, shas[m.name]) for m, s in todo]

@@ -255,6 +255,9 @@ def test_a_model_whose_weights_are_gone_keeps_its_stored_rows(tmp_path: Path) ->
     rows_path.write_text(json.dumps(stored) + "\n")
     cfg = TableConfig(models=(ScannedModel("gone", str(tmp_path / "missing"), "k"),), seeds=(0,), rows=str(rows_path))
     assert run(cfg, jobs=1) == [stored]
+    dropped = {**stored, "key": "dropped/seed0", "name": "dropped"}  # a model since taken out of the config
+    rows_path.write_text(json.dumps(stored) + "\n" + json.dumps(dropped) + "\n")
+    assert run(cfg, jobs=1) == [stored]
     with pytest.raises(FileNotFoundError, match="missing"):  # not scanned yet: its weights are needed
         run(TableConfig(models=cfg.models, seeds=(1,), rows=str(rows_path)), jobs=1)
 
