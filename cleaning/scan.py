@@ -135,8 +135,8 @@ def against_reference(result: dict[str, Any], reference: dict[str, Any], name: s
     if set(result["classes"]) != set(reference["classes"]):
         raise ValueError(f"reference scan has other classes ({sorted(reference['classes'])}) than the scanned model's "
                          f"({sorted(result['classes'])})")
-    classes = {name: _halvings(mine, reference["classes"][name]) for name, mine in result["classes"].items()}
-    form, target = max(((f.removesuffix("_halvings"), name) for name, h in classes.items() for f in h),
+    classes = {c: _halvings(mine, reference["classes"][c]) for c, mine in result["classes"].items()}
+    form, target = max(((f.removesuffix("_halvings"), c) for c, h in classes.items() for f in h),
                        key=lambda fc: classes[fc[1]][f"{fc[0]}_halvings"])
     score = classes[target][f"{form}_halvings"]
     suspicious = score > threshold
