@@ -25,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from cleaning.report import EvalConfig, Report, load_images, measure, plot_training
 from cleaning.scan import ScanConfig, against_reference, scan, verdict_text
 from cleaning.train import LOG_NAME, CleanConfig, clean
+from flows import PERSISTED_RESULT
 from flows.config import LAUNCHERS
 from flows.progress import TrainingWatcher, artifact_key
 from parclean.config import ConfigError, load_config, to_dict
@@ -142,7 +143,7 @@ def publish_report_task(out_dir: str, artifact_prefix: str) -> str:
     return str(out / "report.md")
 
 
-@flow(name="clean-model")
+@flow(name="clean-model", **PERSISTED_RESULT)
 def clean_model_flow(
     model: str,
     shards: str,

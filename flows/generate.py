@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows import PERSISTED_RESULT
 from flows.progress import GenerationWatcher, ImageCounter, artifact_key
 from generation.config import GenerateConfig
 from generation.run import (
@@ -101,7 +102,7 @@ def write_manifest_task(cfg: GenerateConfig, out_dir: str, num_shards: int) -> s
     return str(write_set_manifest(cfg, out_dir, num_shards))
 
 
-@flow(name="generate-shards")
+@flow(name="generate-shards", **PERSISTED_RESULT)
 def generate_shards_flow(
     config: str | Path | GenerateConfig | dict[str, Any],
     out_dir: str,

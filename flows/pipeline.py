@@ -28,6 +28,7 @@ from prefect.runtime import flow_run
 
 from cleaning.report import Report
 from cleaning.train import check_resumable
+from flows import PERSISTED_RESULT
 from flows.clean import clean_model_flow, publish_report_task
 from flows.config import PipelineConfig, TinySDConfig
 from flows.generate import generate_shards_flow
@@ -117,7 +118,7 @@ def sample_grid_task(shards: str, count: int, artifact_prefix: str = "pipeline")
     return markdown
 
 
-@flow(name="data-free-clean")
+@flow(name="data-free-clean", **PERSISTED_RESULT)
 def data_free_clean_flow(pipeline_config: str | Path | PipelineConfig | dict[str, Any],
                          overrides: dict[str, Any] | None = None, overwrite: bool = False) -> str:
     """Generate (or reuse) the shard set, clean the model on it, evaluate and report; returns report.md's path.

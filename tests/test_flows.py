@@ -111,6 +111,25 @@ def test_rerun_of_a_finished_flow_regenerates_nothing(finished_set: dict, tiny_s
     assert verify_shards(out) == []
 
 
+def test_a_flow_result_survives_a_retried_final_state_request(finished_set: dict, tiny_sd_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under load Prefect's client can resend a state request whose response it lost; the server then rejects the
+    duplicate and answers with the stored state, so the result must be readable from the server's copy."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    request = SyncPrefectClient.request
+
+    def final_state_response_lost_then_resent(self, method, path, *args, **kwargs):
+        if path.endswith("/set_state") and kwargs["json"]["state"]["type"] == "COMPLETED":
+            request(self, method, path, *args, **kwargs)  # committed; its response never arrives
+        return request(self, method, path, *args, **kwargs)
+
+    monkeypatch.setattr(SyncPrefectClient, "request", final_state_response_lost_then_resent)
+    state = generate_shards_flow(generate_settings(tiny_sd_dir), str(finished_set["out"]), return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["shards_skipped"] == 3
+
+
 def test_bad_config_fails_with_the_config_error_and_loses_no_shard(finished_set: dict, tiny_sd_dir: Path) -> None:
     out = str(finished_set["out"])
     bad_value = generate_settings(tiny_sd_dir, steps=0)
