@@ -94,8 +94,11 @@ def load_pipeline(cfg: GenerateConfig, device: str | None = None) -> DiffusionPi
     logger.info("loading %s (%s) on %s as %s", source, index.get("_class_name", "?"), device, dtype)
     if not logger.isEnabledFor(logging.DEBUG):
         from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
 
-        diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars: only in debug output
+        # "Loading pipeline components" and the text encoder's "Loading weights" bars: only in debug output
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except OSError as err:

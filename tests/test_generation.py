@@ -151,6 +151,12 @@ def test_safety_checker_flags_images_but_keeps_them(tiny_sd_dir, tiny_pipe, tmp_
     assert generate_batch(pipe, CAPTIONS, [1, 2, 3], cfg).nsfw == [False, False, False]
 
 
+def test_loading_a_pipeline_draws_no_progress_bars(tiny_sd_dir, capfd):
+    capfd.readouterr()
+    load_pipeline(tiny_config(tiny_sd_dir))
+    out, err = capfd.readouterr()
+    assert "it/s" not in out + err and "%|" not in out + err  # neither diffusers' nor transformers' loading bars
+
 def test_a_folder_without_feature_extractor_loads(tiny_sd_dir, tmp_path):
     model = save_pipeline_with_safety_checker(tiny_sd_dir, tmp_path / "model")
     shutil.rmtree(model / "feature_extractor")  # still listed in model_index.json, as in partial copies
