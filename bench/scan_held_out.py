@@ -30,8 +30,9 @@ def held_out_sizes(path: str, eval_count: int) -> dict:
         images = _others(data, target, cfg)
         unseen = _others(data, target, cfg, start=cfg.images_per_class)
         for form in FORMS[:2]:
-            sizes["fitted", form].append(_smallest_trigger(loaded, classifier, images, target, form, cfg))
-            sizes["universal", form].append(_smallest_trigger(loaded, classifier, images, target, form, cfg, unseen))
+            sizes["fitted", form].append(_smallest_trigger(loaded, classifier, images, target, form, cfg)[0])
+            sizes["universal", form].append(_smallest_trigger(loaded, classifier, images, target, form, cfg,
+                                                                unseen)[0])
     result = {}
     for (measure, form), values in sizes.items():
         indices = anomaly_indices(values)

@@ -77,14 +77,17 @@ def scan_inputs(path: str, eval_count: int) -> tuple:
     return loaded, data, zero_shot_classifier(loaded, data.classnames, ("a photo of a {}.",))
 
 
-def scan_row(model: ScannedModel, seed: int, eval_count: int, sha: str) -> dict:
-    """One scan of one model, with the organism's true target and the model's ASR on its trigger."""
+def scan_row(model: ScannedModel, seed: int, eval_count: int, sha: str, reference: str | None = None) -> dict:
+    """One scan of one model, with the organism's true target and the model's ASR on its trigger; `reference`: the
+    path of its trusted reference, which its triggers are also tried in."""
     from cleaning.report import EvalConfig, measure
     from cleaning.scan import ScanConfig, scan
+    from parclean.models import load_model
 
     loaded, data = load_scanned(model.path, eval_count)
+    trusted = None if reference is None else load_model(weights=reference)
     start = time.perf_counter()
-    result = scan(loaded, data, ScanConfig(seed=seed))
+    result = scan(loaded, data, ScanConfig(seed=seed), reference=trusted)
     seconds = time.perf_counter() - start
     truth, asr = None, None
     if model.organism:
@@ -98,7 +101,8 @@ def scan_row(model: ScannedModel, seed: int, eval_count: int, sha: str) -> dict:
             "kind": model.kind, "seed": seed, "true_target": truth, "asr": None if asr is None else round(asr, 1),
             "suspicious": result["suspicious"], "target": result["target"], "score": result["score"],
             "form": result["form"], "most_anomalous": result["most_anomalous"], "seconds": round(seconds, 1),
-            "classes": result["classes"]}  # each class's sizes and indices: other statistics can be read off later
+            "classes": result["classes"],  # each class's sizes and indices: other statistics can be read off later
+            **({"transfer_images": result["transfer_images"]} if trusted is not None else {})}
 
 
 def stored_sha(model: ScannedModel, seeds: tuple[int, ...], stored: list[dict]) -> str:
@@ -123,7 +127,7 @@ def with_reference_verdicts(rows: list[dict], references: dict[str, str]) -> lis
     out = []
     for row in rows:
         reference = by_key.get((references.get(row["name"]), row["seed"]))
-        if reference is not None and "classes" in row and "classes" in reference:
+        if reference is not None and "transfer_images" in row and "classes" in reference:
             row = {**row, "vs_reference": against_reference(row, reference, reference["name"])}
         out.append(row)
     return out
@@ -159,10 +163,13 @@ def run(cfg: TableConfig, jobs: int) -> list[dict]:
     lines = rows_path.read_text().splitlines() if rows_path.is_file() else []
     stored = [r for r in map(json.loads, filter(str.strip, lines)) if r.get("method") == scan_method()]
     shas = {m.name: stored_sha(m, cfg.seeds, stored) for m in cfg.models}
-    done = {r["key"]: r for r in stored if r["sha"] == shas.get(r["name"])}
+    paths = {m.name: m.path for m in cfg.models}
+    needs_transfer = {m.name for m in cfg.models if m.reference}
+    done = {r["key"]: r for r in stored if r["sha"] == shas.get(r["name"])
+            and ("transfer_images" in r or r["name"] not in needs_transfer)}
     todo = [(m, s) for m in cfg.models for s in cfg.seeds if f"{m.name}/seed{s}" not in done]
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(scan_row, m, s, cfg.eval_count, shas[m.name]) for m, s in todo]
+        futures = [pool.submit(scan_row, m, s, cfg.eval_count, shas[m.name], paths.get(m.reference)) for m, s in todo]
         for future in futures:
             row = future.result()
             with rows_path.open("a") as handle:
@@ -220,7 +227,7 @@ def reference_rule(rows: list[dict]) -> str:
     poisoned = [r for r in read if backdoored(r)]
     benign = [r for r in read if not backdoored(r)]
     threshold = read[0]["vs_reference"]["threshold"]
-    return (f"Against each model's reference (flagged above {threshold:g} halving): detection "
+    return (f"Against each model's reference (flagged above {threshold:g} halvings): detection "
             f"{sum(correct(r, r['vs_reference']) for r in poisoned)} of {len(poisoned)}, false positives "
             f"{sum(r['vs_reference']['suspicious'] for r in benign)} of {len(benign)} (scans of the models that "
             "have a reference).")

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     reference = load_reference(args, loaded.image_size) if args.reference else None
     start = time.perf_counter()
     data = load_images(eval_cfg, loaded.image_size)
-    result = scan(loaded, data, scan_cfg, eval_cfg.template_strings())
+    result = scan(loaded, data, scan_cfg, eval_cfg.template_strings(), reference)
     if reference is not None:
         result = against_reference(result, scan(reference, data, scan_cfg, eval_cfg.template_strings()), args.reference)
     result["seconds"] = round(time.perf_counter() - start, 1)
@@ -79,14 +79,17 @@ def table(model: str, result: dict[str, Any]) -> str:
 
 
 def reference_table(model: str, result: dict[str, Any]) -> str:
-    """The verdict against the reference, the scan's own verdict, then each class's halvings per form."""
+    """The verdict against the reference, the scan's own verdict, then each class's readings."""
     lines = [f"{model}: {verdict_text(result)}",
              f"without the reference: {verdict_text(result['scan'])}", "",
-             f"{'class':<16}{'patch':>8}{'blend':>8}{'token':>8}"]
+             f"{'class':<16}{'transfer':>10}{'halvings':>10}{'token':>8}{'patch':>8}{'blend':>8}"]
     for name, row in result["classes"].items():
+        transfer = (f"{row['transfer']:>10.2f}{row['transfer_halvings']:>10.2f}" if "transfer" in row
+                    else f"{'-':>10}{'-':>10}")
         token = f"{row['token_halvings']:>8.2f}" if "token_halvings" in row else f"{'-':>8}"
-        lines.append(f"{name:<16}{row['patch_halvings']:>8.2f}{row['blend_halvings']:>8.2f}{token}")
-    lines.append(f"\n{result['seconds']:.0f} s. Halvings: log2 of how many times smaller each class's smallest trigger "
-                 "is here than in the reference (token: its loss, counted where only this model has a working "
-                 "one-token trigger).")
+        lines.append(f"{name:<16}{transfer}{token}{row['patch_halvings']:>8.2f}{row['blend_halvings']:>8.2f}")
+    lines.append(f"\n{result['seconds']:.0f} s. transfer: the share of the images that this model's smallest patch "
+                 "or blend trigger for the class (the larger) sends there in the reference, and its halvings below "
+                 "0.9; token: halvings of the one-token trigger's loss, where only this model has a working one; "
+                 "patch, blend: halvings of the trigger's size against the reference's (details, not the verdict).")
     return "\n".join(lines)

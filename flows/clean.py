@@ -56,12 +56,14 @@ def evaluate_task(model: str, eval_cfg: EvalConfig, label: str, architecture: st
 def scan_task(model: str, eval_cfg: EvalConfig, scan_cfg: ScanConfig, label: str, architecture: str | None = None,
               pretrained: str | None = None, reference: dict[str, Any] | None = None) -> dict[str, Any]:
     """The trigger-agnostic backdoor scan of `model` on the eval config's clean images; read against `reference`
-    (the trusted model's scan, same images and seed) when given, the model's own verdict then under "scan"."""
+    (the trusted model's scan, same images and seed; scan_cfg.reference is loaded to try the model's triggers in)
+    when given, the model's own verdict then under "scan"."""
     from parclean.models import load_source
 
     loaded = load_source(model, architecture=architecture, pretrained=pretrained)
+    trusted = None if reference is None else load_source(scan_cfg.reference, pretrained=scan_cfg.reference_pretrained)
     start = time.perf_counter()
-    result = scan(loaded, load_images(eval_cfg, loaded.image_size), scan_cfg, eval_cfg.template_strings())
+    result = scan(loaded, load_images(eval_cfg, loaded.image_size), scan_cfg, eval_cfg.template_strings(), trusted)
     if reference is not None:
         result = against_reference(result, reference, scan_cfg.reference)
     result["seconds"] = round(time.perf_counter() - start, 3)
