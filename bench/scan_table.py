@@ -164,7 +164,8 @@ def run(cfg: TableConfig, jobs: int) -> list[dict]:
     stored = [r for r in map(json.loads, filter(str.strip, lines)) if r.get("method") == scan_method()]
     shas = {m.name: stored_sha(m, cfg.seeds, stored) for m in cfg.models}
     paths = {m.name: m.path for m in cfg.models}
-    needs_transfer = {m.name for m in cfg.models if m.reference}
+    # A row scanned before the transfer reading is scanned again with its reference, if its weights are still here.
+    needs_transfer = {m.name for m in cfg.models if m.reference and Path(m.path).exists()}
     done = {r["key"]: r for r in stored if r["sha"] == shas.get(r["name"])
             and ("transfer_images" in r or r["name"] not in needs_transfer)}
     todo = [(m, s) for m in cfg.models for s in cfg.seeds if f"{m.name}/seed{s}" not in done]

@@ -64,6 +64,17 @@ def test_scan_flags_the_backdoored_organism_with_its_target_and_not_the_clean_on
                                       "arrow", "moon"}
 
 
+
+def test_against_its_clean_base_the_blended_stripes_organism_is_flagged_with_its_target(capsys) -> None:
+    # The case the size reading missed (0.87 halvings at seed 1): the organism's smallest triggers for "moon" do not
+    # carry over to the clean base it was fine-tuned from, while every other class's do (docs/scan.md).
+    organism, base = str(MODELS / "v2" / "clip-blended-stripes"), str(MODELS / "v2" / "clip-clean")
+    assert main(["scan", "--model", organism, "--reference", base, "--seed", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["suspicious"], result["target"], result["form"]) == (True, "moon", "patch/blend")
+    assert result["classes"]["moon"]["transfer"] < 0.32 < min(
+        row["transfer"] for name, row in result["classes"].items() if name != "moon")
+
 def test_scan_of_a_missing_model_is_one_line(tmp_path: Path, capsys) -> None:
     assert main(["scan", "--model", str(tmp_path / "nothing.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
@@ -297,6 +308,10 @@ def test_a_model_whose_weights_are_gone_keeps_its_stored_rows(tmp_path: Path) ->
     assert run(cfg, jobs=1) == [stored]
     with pytest.raises(FileNotFoundError, match="missing"):  # not scanned yet: its weights are needed
         run(TableConfig(models=cfg.models, seeds=(1,), rows=str(rows_path)), jobs=1)
+    # A row scanned before the transfer reading, of a model with a reference: kept, without that reading.
+    with_reference = (ScannedModel("gone", str(tmp_path / "missing"), "k", reference="base"),)
+    rows_path.write_text(json.dumps(stored) + "\n")
+    assert run(TableConfig(models=with_reference, seeds=(0,), rows=str(rows_path)), jobs=1) == [stored]
 
 
 @pytest.mark.parametrize("rows", ["scan.jsonl", "scan-sweep.jsonl", "scan-reference.jsonl"])
