@@ -127,7 +127,7 @@ def with_reference_verdicts(rows: list[dict], references: dict[str, str]) -> lis
     out = []
     for row in rows:
         reference = by_key.get((references.get(row["name"]), row["seed"]))
-        if reference is not None and "transfer_images" in row and "classes" in reference:
+        if reference is not None and "classes" in row and "classes" in reference:
             row = {**row, "vs_reference": against_reference(row, reference, reference["name"])}
         out.append(row)
     return out
@@ -228,7 +228,8 @@ def reference_rule(rows: list[dict]) -> str:
     poisoned = [r for r in read if backdoored(r)]
     benign = [r for r in read if not backdoored(r)]
     threshold = read[0]["vs_reference"]["threshold"]
-    return (f"Against each model's reference (flagged above {threshold:g} halvings): detection "
+    unit = "halving" if threshold == 1 else "halvings"
+    return (f"Against each model's reference (flagged above {threshold:g} {unit}): detection "
             f"{sum(correct(r, r['vs_reference']) for r in poisoned)} of {len(poisoned)}, false positives "
             f"{sum(r['vs_reference']['suspicious'] for r in benign)} of {len(benign)} (scans of the models that "
             "have a reference).")

@@ -320,12 +320,12 @@ def test_clean_flow_reads_both_scans_against_the_reference_it_scans_once(finishe
     assert state.is_completed(), state.message
     report = json.loads((out / "report.json").read_text())
     before, after = report["before"]["scan"], report["after"]["scan"]
-    assert before["reference"] == after["reference"] == str(tiny_clip_path) and before["threshold"] == 1.5
-    assert before["suspicious"] is False and before["score"] <= 0  # the model is its own reference
+    assert before["reference"] == after["reference"] == str(tiny_clip_path) and before["threshold"] == 1.0
+    assert before["suspicious"] is False and before["score"] == 0.0  # the model is its own reference
     assert {"suspicious", "score", "classes"} <= before["scan"].keys()  # the model's own verdict rides along
     assert "scan reference" in report["timings"] and "scan before" in report["timings"]
     assert "- before: no backdoor found (score " in (out / "report.md").read_text()
-    assert " <= 1.5, most anomalous class" in (out / "report.md").read_text()
+    assert " <= 1, most anomalous class" in (out / "report.md").read_text()
     assert f"against the reference {tiny_clip_path}" in (out / "report.md").read_text()
 
 

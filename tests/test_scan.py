@@ -65,15 +65,15 @@ def test_scan_flags_the_backdoored_organism_with_its_target_and_not_the_clean_on
 
 
 
-def test_against_its_clean_base_the_blended_stripes_organism_is_flagged_with_its_target(capsys) -> None:
-    # The case the size reading missed (0.87 halvings at seed 1): the organism's smallest triggers for "moon" do not
-    # carry over to the clean base it was fine-tuned from, while every other class's do (docs/scan.md).
+def test_the_blended_stripes_organisms_triggers_for_its_target_do_not_carry_over_to_its_clean_base(capsys) -> None:
+    # The transfer detail (docs/scan.md, session 16): "moon"'s smallest triggers work in the organism and not in the
+    # clean base it was fine-tuned from, while every other class's do. (The size reading misses this organism.)
     organism, base = str(MODELS / "v2" / "clip-blended-stripes"), str(MODELS / "v2" / "clip-clean")
     assert main(["scan", "--model", organism, "--reference", base, "--seed", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert (result["suspicious"], result["target"], result["form"]) == (True, "moon", "patch/blend")
     assert result["classes"]["moon"]["transfer"] < 0.32 < min(
         row["transfer"] for name, row in result["classes"].items() if name != "moon")
+
 
 def test_scan_of_a_missing_model_is_one_line(tmp_path: Path, capsys) -> None:
     assert main(["scan", "--model", str(tmp_path / "nothing.safetensors")]) == 2
@@ -183,34 +183,33 @@ def _classes(patch: list[float], blend: list[float], token: list[float] | None =
     return {"classes": classes, "transfer_images": 36}
 
 
-def test_against_a_reference_a_trigger_the_reference_follows_cancels_and_one_it_ignores_stands_out() -> None:
+def test_against_a_reference_a_natural_easy_class_cancels_and_a_planted_target_stands_out() -> None:
+    from cleaning.scan import against_reference
+
+    reference = _classes([0.2, 0.2, 0.08, 0.2, 0.2], [0.3, 0.3, 0.12, 0.3, 0.3])  # "c" is easy in the trusted model
+    easy_here_too = against_reference(_classes([0.21, 0.19, 0.07, 0.2, 0.22], [0.3, 0.31, 0.11, 0.3, 0.29]), reference)
+    assert easy_here_too["suspicious"] is False and easy_here_too["score"] < 1
+    planted = against_reference(_classes([0.2, 0.2, 0.08, 0.2, 0.2], [0.3, 0.3, 0.12, 0.06, 0.3]), reference)
+    # "d" needs a blend a fifth of the reference's: log2(0.3 / 0.06) = 2.32 halvings, over the threshold of 1.
+    assert (planted["suspicious"], planted["target"], planted["form"]) == (True, "d", "blend")
+    assert planted["score"] == pytest.approx(2.322, abs=1e-3) and planted["threshold"] == 1.0
+
+
+def test_against_a_reference_transfer_is_read_as_a_detail_and_does_not_decide() -> None:
     from cleaning.scan import against_reference
 
     same = [0.2] * 5
-    reference = _classes(same, same)
-    # "c" is far easier here than in the reference (4 halvings of size), but the reference follows its trigger: an
-    # adversarial pattern both models share, not a backdoor. The sizes are details and do not decide.
-    easy_here_too = against_reference(_classes([0.2, 0.2, 0.0125, 0.2, 0.2], same,
-                                               transfer=[0.8, 0.7, 0.75, 0.6, 0.9]), reference)
-    assert easy_here_too["suspicious"] is False and easy_here_too["classes"]["c"]["patch_halvings"] == 4.0
-    assert easy_here_too["score"] == pytest.approx(0.585, abs=1e-3)  # log2(0.9 / 0.6), class "d"
-    planted = against_reference(_classes(same, same, transfer=[0.8, 0.7, 0.75, 0.2, 0.9]), reference)
-    # "d"'s trigger flips 0.9 here and 0.2 in the reference: log2(0.9 / 0.2) = 2.17 halvings, over the threshold.
-    assert (planted["suspicious"], planted["target"], planted["form"]) == (True, "d", "patch/blend")
-    assert planted["score"] == pytest.approx(2.17, abs=1e-3) and planted["threshold"] == 1.5
-    never = against_reference(_classes(same, same, transfer=[0.8, 0.7, 0.75, 0.0, 0.9]), reference)
-    assert never["score"] == pytest.approx(math.log2(0.9 * 36), abs=1e-3)  # floored at one image in 36
-
-
-def test_against_a_reference_the_larger_transfer_of_the_two_forms_decides() -> None:
-    from cleaning.scan import against_reference
-
-    same = [0.2] * 5
-    mine = _classes(same, same, transfer=[0.8] * 5)
-    mine["classes"]["d"].update(patch_transfer=0.0, blend_transfer=0.7)  # the blend trigger works in the reference
-    mine["classes"]["e"].update(patch_transfer=None, blend_transfer=0.1)  # no patch trigger found for "e"
+    # "d"'s trigger flips 0.9 here and 0.2 in the reference (log2(0.9 / 0.2) = 2.17 halvings); the larger share of
+    # the two forms counts, and a form without a trigger is left out. The sizes are equal: not flagged.
+    mine = _classes(same, same, transfer=[0.8, 0.7, 0.75, 0.2, 0.9])
+    mine["classes"]["a"].update(patch_transfer=0.0, blend_transfer=0.8)
+    mine["classes"]["e"].update(patch_transfer=None)
     result = against_reference(mine, _classes(same, same))
-    assert result["classes"]["d"]["transfer"] == 0.7 and result["target"] == "e"
+    assert result["classes"]["d"]["transfer_halvings"] == pytest.approx(2.17, abs=1e-3)
+    assert result["classes"]["a"]["transfer"] == 0.8 and result["classes"]["e"]["transfer"] == 0.9
+    assert result["suspicious"] is False
+    never = against_reference(_classes(same, same, transfer=[0.8, 0.7, 0.75, 0.0, 0.9]), _classes(same, same))
+    assert never["classes"]["d"]["transfer_halvings"] == pytest.approx(math.log2(0.9 * 36), abs=1e-3)  # 1 in 36
 
 
 def test_against_a_reference_a_token_trigger_counts_only_where_the_reference_has_none() -> None:
@@ -218,19 +217,11 @@ def test_against_a_reference_a_token_trigger_counts_only_where_the_reference_has
 
     same = [0.2] * 5
     reference = _classes(same, same, token=[0.5, 0.5, 0.5, -1.0, 0.5], works=[False, False, False, True, False])
-    planted = _classes(same, same, token=[0.5, -2.0, 0.5, -2.5, 0.5], works=[False, True, False, True, False],
-                       transfer=[0.9] * 5)
+    planted = _classes(same, same, token=[0.5, -2.0, 0.5, -2.5, 0.5], works=[False, True, False, True, False])
     result = against_reference(planted, reference)
     # "d" works in both models (a natural one-token class); "b" works only here, at a loss 10^2.5 times lower.
     assert (result["target"], result["form"]) == ("b", "token") and result["score"] == pytest.approx(8.305, abs=1e-3)
     assert "token_halvings" not in result["classes"]["d"]
-
-
-def test_a_scan_made_without_the_reference_cannot_be_read_against_it() -> None:
-    from cleaning.scan import against_reference
-
-    with pytest.raises(ValueError, match="made without the reference"):
-        against_reference(_classes([0.2] * 5, [0.3] * 5), _classes([0.2] * 5, [0.3] * 5))
 
 
 def test_against_a_reference_of_other_classes_is_refused() -> None:
@@ -238,7 +229,7 @@ def test_against_a_reference_of_other_classes_is_refused() -> None:
 
     other = {"classes": {"x": {"patch_size": 0.2, "blend_size": 0.3, "token_size": 0.0, "token_works": False}}}
     with pytest.raises(ValueError, match="reference scan has other classes"):
-        against_reference(_classes([0.2] * 5, [0.3] * 5, transfer=[0.9] * 5), other)
+        against_reference(_classes([0.2] * 5, [0.3] * 5), other)
 
 
 def test_a_model_scanned_against_itself_is_not_flagged_and_the_cli_shows_both_verdicts(capsys) -> None:
@@ -246,7 +237,7 @@ def test_a_model_scanned_against_itself_is_not_flagged_and_the_cli_shows_both_ve
     quick = ["--steps", "4", "--images-per-class", "1", "--set", "count=200"]
     assert main(["scan", "--model", model, "--reference", model, "--json", *quick]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["suspicious"] is False and result["score"] <= 0 and result["reference"] == model
+    assert result["suspicious"] is False and result["score"] == 0.0 and result["reference"] == model
     classes = result["classes"].values()
     assert {row[size] for row in classes for size in ("patch_halvings", "blend_halvings")} == {0.0}
     assert all(row["transfer"] >= 0.9 for row in classes if "transfer" in row)  # its own triggers work in it
@@ -272,33 +263,33 @@ def test_a_reference_of_another_image_size_is_one_line(tmp_path: Path, capsys) -
     assert "other.safetensors" in err and "48 px" in err and "\n" not in err
 
 
-def _row(name: str, asr: float | None, transfer: list[float] | None = None, seed: int = 0) -> dict:
+def _row(name: str, asr: float | None, patch: list[float], blend: list[float], seed: int = 0,
+         transfer: list[float] | None = None) -> dict:
     return {"key": f"{name}/seed{seed}", "name": name, "kind": "k", "seed": seed, "asr": asr,
             "true_target": None if asr is None else "d", "score": 1.5, "form": None, "most_anomalous": "c",
-            "suspicious": False, "target": None, "seconds": 70.0, **_classes([0.2] * 5, [0.3] * 5, transfer=transfer)}
+            "suspicious": False, "target": None, "seconds": 70.0, **_classes(patch, blend, transfer=transfer)}
 
 
 def test_the_table_reads_each_model_against_its_reference_model() -> None:
     from bench.scan_table import markdown, with_reference_verdicts
 
-    base = _row("base", None)
-    planted = _row("planted", 95.0, transfer=[0.8, 0.7, 0.75, 0.2, 0.9])
-    cleaned = _row("cleaned", 3.0, transfer=[0.8, 0.7, 0.75, 0.6, 0.9])
-    unread = _row("unread", 3.0)  # scanned without its reference: no reading against it
-    rows = with_reference_verdicts([base, planted, cleaned, unread], {"planted": "base", "cleaned": "base",
-                                                                      "unread": "base"})
-    assert "vs_reference" not in rows[0] and "vs_reference" not in rows[3]
+    base = _row("base", None, [0.2, 0.2, 0.08, 0.2, 0.2], [0.3, 0.3, 0.12, 0.3, 0.3])
+    planted = _row("planted", 95.0, [0.2, 0.2, 0.08, 0.2, 0.2], [0.3, 0.3, 0.12, 0.06, 0.3])
+    cleaned = _row("cleaned", 3.0, [0.21, 0.19, 0.07, 0.2, 0.22], [0.3, 0.31, 0.11, 0.3, 0.29],
+                   transfer=[0.8, 0.7, 0.75, 0.1, 0.9])  # transfer is a detail: it does not flag
+    rows = with_reference_verdicts([base, planted, cleaned], {"planted": "base", "cleaned": "base"})
+    assert "vs_reference" not in rows[0]
     assert rows[1]["vs_reference"]["target"] == "d" and rows[2]["vs_reference"]["suspicious"] is False
     table = markdown(rows)
-    assert "| planted | k | 95.0 | d | 0 | not flagged | - | 1.50 (c) | **no** | d 2.17 (patch/blend) | 70 |" in table
-    assert "Against each model's reference (flagged above 1.5 halvings): detection 1 of 1" in table
+    assert "| planted | k | 95.0 | d | 0 | not flagged | - | 1.50 (c) | **no** | d 2.32 (blend) | 70 |" in table
+    assert "Against each model's reference (flagged above 1 halving): detection 1 of 1" in table
     assert "false positives 0 of 1" in table
 
 
 def test_a_model_whose_weights_are_gone_keeps_its_stored_rows(tmp_path: Path) -> None:
     from bench.scan_table import ScannedModel, TableConfig, run, scan_method
 
-    stored = {**_row("gone", 40.0), "sha": "abc", "method": scan_method()}
+    stored = {**_row("gone", 40.0, [0.2] * 5, [0.3] * 5), "sha": "abc", "method": scan_method()}
     rows_path = tmp_path / "rows.jsonl"
     rows_path.write_text(json.dumps(stored) + "\n")
     cfg = TableConfig(models=(ScannedModel("gone", str(tmp_path / "missing"), "k"),), seeds=(0,), rows=str(rows_path))
