@@ -164,8 +164,8 @@ def test_a_trigger_counts_only_when_it_also_flips_images_it_was_not_fitted_on() 
     classifier = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
     fitted, unseen = torch.full((8, 3, 4, 4), 0.45), torch.zeros(8, 3, 4, 4)
     cfg = ScanConfig()
-    assert _smallest_trigger(loaded, classifier, fitted, 0, "blend", cfg) < 0.2
-    assert _smallest_trigger(loaded, classifier, fitted, 0, "blend", cfg, unseen) > 0.5
+    assert _smallest_trigger(loaded, classifier, fitted, 0, "blend", cfg)[0] < 0.2
+    assert _smallest_trigger(loaded, classifier, fitted, 0, "blend", cfg, unseen)[0] > 0.5
 
 
 def _classes(patch: list[float], blend: list[float], token: list[float] | None = None,
