@@ -172,14 +172,11 @@ def against_reference(result: dict[str, Any], reference: dict[str, Any], name: s
                          f"({sorted(result['classes'])})")
     floor = 1 / result.get("transfer_images", 1)
     classes = {c: _halvings(mine, reference["classes"][c], floor) for c, mine in result["classes"].items()}
-    readings = [(reading, c) for c, h in classes.items() for reading in DECIDING if reading in h]
-    if readings:
-        reading, target = max(readings, key=lambda rc: classes[rc[1]][rc[0]])
-        score = classes[target][reading]
-    else:  # no class has a working trigger of any form
-        reading, target, score = None, next(iter(classes)), 0.0
+    reading, target = max(((reading, c) for c, h in classes.items() for reading in DECIDING if reading in h),
+                          key=lambda rc: classes[rc[1]][rc[0]])  # patch and blend readings: every class has them
+    score = classes[target][reading]
     suspicious = score > threshold
-    form = None if reading is None else reading.removesuffix("_halvings")
+    form = reading.removesuffix("_halvings")
     return {"suspicious": suspicious, "target": target if suspicious else None, "score": round(score, 3),
             "threshold": threshold, "form": form if suspicious else None, "most_anomalous": target,
             "classes": classes, "reference": name, "scan": result}
