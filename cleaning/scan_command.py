@@ -91,5 +91,6 @@ def reference_table(model: str, result: dict[str, Any]) -> str:
     lines.append(f"\n{result['seconds']:.0f} s. transfer: the share of the images that this model's smallest patch "
                  "or blend trigger for the class (the larger) sends there in the reference, and its halvings below "
                  "0.9; token: halvings of the one-token trigger's loss, where only this model has a working one; "
-                 "patch, blend: halvings of the trigger's size against the reference's (details, not the verdict).")
+                 "patch, blend: halvings of the trigger's size against the reference's; the class first by size "
+                 "counts double where its transfer exceeds 1.5 halvings.")
     return "\n".join(lines)

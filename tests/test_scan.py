@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cleaning.scan import anomaly_indices, paste_token, verdict
+from cleaning.scan import anomaly_indices, paste_token, verdict, verdict_text
 from flows.cli import main
 
 MODELS = Path(__file__).resolve().parents[1] / "toyworld" / "models"
@@ -210,6 +210,28 @@ def test_against_a_reference_transfer_is_read_as_a_detail_and_does_not_decide() 
     assert result["suspicious"] is False
     never = against_reference(_classes(same, same, transfer=[0.8, 0.7, 0.75, 0.0, 0.9]), _classes(same, same))
     assert never["classes"]["d"]["transfer_halvings"] == pytest.approx(math.log2(0.9 * 36), abs=1e-3)  # 1 in 36
+
+
+def test_against_a_reference_the_first_class_by_size_counts_double_when_its_trigger_does_not_carry_over() -> None:
+    # Session 17's rule (docs/scan.md): v2 Blended-stripes' moon needs a blend 0.87 halvings smaller than the
+    # reference's, under the threshold of 1, and its triggers do not work in the reference. Two readings that single
+    # out the same class: the size reading counts double.
+    from cleaning.scan import against_reference
+
+    same = [0.2] * 5
+    reference = _classes(same, [0.3] * 5)
+    moon_blend = [0.3, 0.3, 0.3, 0.3 / 2 ** 0.87, 0.3]
+    planted = against_reference(_classes(same, moon_blend, transfer=[0.8, 0.7, 0.75, 0.22, 0.9]), reference)
+    assert (planted["suspicious"], planted["target"], planted["form"]) == (True, "d", "blend")
+    assert planted["score"] == pytest.approx(1.74, abs=1e-2) and planted["confirmed_by_transfer"] is True
+    assert "does not carry over to the reference" in verdict_text(planted)
+    # The same sizes with triggers that carry over: one reading only, not flagged.
+    carried = against_reference(_classes(same, moon_blend, transfer=[0.8, 0.7, 0.75, 0.8, 0.9]), reference)
+    assert carried["suspicious"] is False and carried["score"] == pytest.approx(0.87, abs=1e-2)
+    # A low transfer on a class the size reading does not rank first (drift after fine-tuning on generated pairs,
+    # "heart" in docs/scan-cleaned.md) doubles nothing.
+    drift = against_reference(_classes(same, moon_blend, transfer=[0.1, 0.7, 0.75, 0.8, 0.9]), reference)
+    assert drift["suspicious"] is False and "confirmed_halvings" not in drift["classes"]["a"]
 
 
 def test_against_a_reference_a_token_trigger_counts_only_where_the_reference_has_none() -> None:
