@@ -65,14 +65,17 @@ def test_scan_flags_the_backdoored_organism_with_its_target_and_not_the_clean_on
 
 
 
-def test_the_blended_stripes_organisms_triggers_for_its_target_do_not_carry_over_to_its_clean_base(capsys) -> None:
-    # The transfer detail (docs/scan.md, session 16): "moon"'s smallest triggers work in the organism and not in the
-    # clean base it was fine-tuned from, while every other class's do. (The size reading misses this organism.)
+def test_the_blended_stripes_organism_is_flagged_because_its_targets_triggers_do_not_carry_over_to_its_base(capsys) -> None:
+    # The transfer reading (docs/scan.md, sessions 16-17): "moon"'s smallest triggers work in the organism and not in
+    # the clean base it was fine-tuned from, while every other class's do.
     organism, base = str(MODELS / "v2" / "clip-blended-stripes"), str(MODELS / "v2" / "clip-clean")
     assert main(["scan", "--model", organism, "--reference", base, "--seed", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["classes"]["moon"]["transfer"] < 0.32 < min(
         row["transfer"] for name, row in result["classes"].items() if name != "moon")
+    # Session 17's rule: moon is also the class first by size, so the two readings flag it (the size alone does not).
+    assert (result["suspicious"], result["target"], result["confirmed_by_transfer"]) == (True, "moon", True)
+    assert result["classes"]["moon"]["confirmed_halvings"] / 2 < 1
 
 
 def test_scan_of_a_missing_model_is_one_line(tmp_path: Path, capsys) -> None:
