@@ -65,7 +65,7 @@ def test_scan_flags_the_backdoored_organism_with_its_target_and_not_the_clean_on
 
 
 
-def test_the_blended_stripes_organism_is_flagged_because_its_targets_triggers_do_not_carry_over_to_its_base(capsys) -> None:
+def test_the_blended_stripes_organism_is_flagged_as_its_targets_triggers_do_not_carry_over(capsys) -> None:
     # The transfer reading (docs/scan.md, sessions 16-17): "moon"'s smallest triggers work in the organism and not in
     # the clean base it was fine-tuned from, while every other class's do.
     organism, base = str(MODELS / "v2" / "clip-blended-stripes"), str(MODELS / "v2" / "clip-clean")
