@@ -183,18 +183,23 @@ def against_reference(result: dict[str, Any], reference: dict[str, Any], name: s
     score = classes[target][reading]
     suspicious = score > threshold
     confirmed = reading == "confirmed_halvings"
-    form = classes[target]["confirmed_form"] if confirmed else reading.removesuffix("_halvings")
+    form = _size_form(classes[target]) if confirmed else reading.removesuffix("_halvings")
     return {"suspicious": suspicious, "target": target if suspicious else None, "score": round(score, 3),
             "threshold": threshold, "form": form if suspicious else None, "confirmed_by_transfer": confirmed,
             "most_anomalous": target, "classes": classes, "reference": name, "scan": result}
 
 
 def _confirm(classes: dict[str, dict[str, float]]) -> None:
-    """Adds `confirmed_halvings` (and the form it doubles) to the class with the largest patch or blend reading, if
-    its triggers do not carry over to the reference."""
-    size, form, top = max((h[f"{form}_halvings"], form, c) for c, h in classes.items() for form in FORMS[:2])
+    """Adds `confirmed_halvings` to the class with the largest patch or blend reading, if its triggers do not carry
+    over to the reference."""
+    top = max(classes, key=lambda c: (classes[c][f"{_size_form(classes[c])}_halvings"], c))
     if classes[top].get("transfer_halvings", 0.0) > TRANSFER_CONFIRMS:
-        classes[top].update(confirmed_halvings=round(2 * size, 3), confirmed_form=form)
+        classes[top]["confirmed_halvings"] = round(2 * classes[top][f"{_size_form(classes[top])}_halvings"], 3)
+
+
+def _size_form(halvings: dict[str, float]) -> str:
+    """The form of a class's larger size reading: patch or blend."""
+    return max(FORMS[:2], key=lambda form: halvings[f"{form}_halvings"])
 
 
 def _halvings(mine: dict[str, Any], theirs: dict[str, Any], floor: float) -> dict[str, float]:

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from cleaning.evaluate_command import add_model_arguments, model_and_eval
-from cleaning.scan import verdict_text
+from cleaning.scan import TRANSFER_CONFIRMS, verdict_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,5 +92,5 @@ def reference_table(model: str, result: dict[str, Any]) -> str:
                  "or blend trigger for the class (the larger) sends there in the reference, and its halvings below "
                  "0.9; token: halvings of the one-token trigger's loss, where only this model has a working one; "
                  "patch, blend: halvings of the trigger's size against the reference's; the class first by size "
-                 "counts double where its transfer exceeds 1.5 halvings.")
+                 f"counts double where its transfer exceeds {TRANSFER_CONFIRMS:g} halvings.")
     return "\n".join(lines)

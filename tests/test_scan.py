@@ -198,7 +198,7 @@ def test_against_a_reference_a_natural_easy_class_cancels_and_a_planted_target_s
     assert planted["score"] == pytest.approx(2.322, abs=1e-3) and planted["threshold"] == 1.0
 
 
-def test_against_a_reference_transfer_is_read_as_a_detail_and_does_not_decide() -> None:
+def test_against_a_reference_transfer_alone_does_not_decide() -> None:
     from cleaning.scan import against_reference
 
     same = [0.2] * 5
@@ -301,7 +301,7 @@ def test_the_table_reads_each_model_against_its_reference_model() -> None:
     base = _row("base", None, [0.2, 0.2, 0.08, 0.2, 0.2], [0.3, 0.3, 0.12, 0.3, 0.3])
     planted = _row("planted", 95.0, [0.2, 0.2, 0.08, 0.2, 0.2], [0.3, 0.3, 0.12, 0.06, 0.3])
     cleaned = _row("cleaned", 3.0, [0.21, 0.19, 0.07, 0.2, 0.22], [0.3, 0.31, 0.11, 0.3, 0.29],
-                   transfer=[0.8, 0.7, 0.75, 0.1, 0.9])  # transfer is a detail: it does not flag
+                   transfer=[0.8, 0.7, 0.75, 0.1, 0.9])  # "d" is not first by size: not doubled
     rows = with_reference_verdicts([base, planted, cleaned], {"planted": "base", "cleaned": "base"})
     assert "vs_reference" not in rows[0]
     assert rows[1]["vs_reference"]["target"] == "d" and rows[2]["vs_reference"]["suspicious"] is False
