@@ -205,3 +205,15 @@ def test_normalize_reads_the_pixels_a_tensor_holds_now_not_a_cached_copy() -> No
     images.fill_(1.0)
     after = normalize(images, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert before.unique().tolist() == [-1.0] and after.unique().tolist() == [1.0]
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_the_wide_toy_doubles_the_vision_width_and_keeps_the_text_tower() -> None:
+    # docs/organism.md: the BadNet-stripes capacity test compares these two vision towers (0.64M against 2.4M).
+    narrow, wide = create_model("toy-vit-32", seed=0).model, create_model("toy-vit-32-wide", seed=0).model
+    assert _count(narrow.visual) == 638_592
+    assert 2_300_000 < _count(wide.visual) < 2_500_000
+    assert _count(wide) - _count(wide.visual) == _count(narrow) - _count(narrow.visual)
