@@ -43,10 +43,11 @@ V2_POISONED = ["clip-badnet", "clip-blended", "clip-blended-stripes", "clip-tria
 
 @pytest.mark.parametrize("name", V2_POISONED)
 def test_v2_organism_is_backdoored_within_two_points_of_its_base(name):
-    """Issue 16's regime: ASR >= 90% and clean accuracy within 2 points of the plateaued base, on the shipped
-    weights (5,000 images, the organisms' own evaluation set)."""
+    """Issue 16's regime: ASR >= 90% and clean accuracy within 2 points of the plateaued base it was fine-tuned from
+    (its card's init), on the shipped weights (5,000 images, the organisms' own evaluation set)."""
     info = json.loads((V2 / name / "card.json").read_text())
-    base = json.loads((V2 / "clip-clean" / "card.json").read_text())
+    base_dir = (MODELS.parent.parent / info["config"]["init"]).parent  # the base it was poisoned from
+    base = json.loads((base_dir / "card.json").read_text())
     trigger = Trigger(**info["trigger"])
     result = measure(load_model(weights=V2 / name), EvalConfig(count=5000, target=info["target"], triggers=(trigger,)))
     assert result["asr"][trigger.kind] >= 90.0

@@ -1,7 +1,8 @@
 """Summarise the shipped organisms: a Markdown table from their cards and one plot of their training curves.
 
     python -m toyworld.cards            # prints the table for docs/organism.md, writes docs/organism-curves.png
-    python -m toyworld.cards v2 out/v2-plateau-check   # the v2 set: docs/organism-v2-curves.png, -v2-base.png
+    python -m toyworld.cards v2     # the v2 set: docs/organism-v2-curves.png, -v2-base.png, -v2-base-wide.png
+                                    # (the plateau checks and the wide base's first stage read from out/)
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def table(found: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(found: dict[str, dict], png: Path, models: Path = MODELS, base: str | None = None) -> None:
-    """Each organism's curves; `base` (a clean model the others were fine-tuned from) is drawn as its final
+def plot(found: dict[str, dict], png: Path, models: Path = MODELS, bases: tuple[str, ...] = ()) -> None:
+    """Each organism's curves; each of `bases` (clean models the others were fine-tuned from) is drawn as its final
     accuracy and the regime's bar 2 points below it, not as a curve of its own much longer training."""
     import matplotlib
 
@@ -44,11 +45,12 @@ def plot(found: dict[str, dict], png: Path, models: Path = MODELS, base: str | N
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    if base is not None:
+    for i, base in enumerate(bases):
+        colour = ("grey", "black")[i % 2]
         final = found[base]["clean_acc"]
-        left.axhline(final, color="grey", label=f"{base} (base), {final:.1f}")
-        left.axhline(final - 2, color="grey", linestyle="--", label="base - 2 (the regime's bar)")
-    for name in (n for n in found if n != base):
+        left.axhline(final, color=colour, linewidth=0.8, label=f"{base} (base), {final:.1f}")
+        left.axhline(final - 2, color=colour, linewidth=0.8, linestyle="--", label=f"{base} - 2 (the regime's bar)")
+    for name in (n for n in found if n not in bases):
         points = [json.loads(line) for line in (models / name / "curve.jsonl").read_text().splitlines()]
         steps = [p["step"] for p in points]
         left.plot(steps, [p["clean_acc"] for p in points], marker=".", label=name)
@@ -63,35 +65,50 @@ def plot(found: dict[str, dict], png: Path, models: Path = MODELS, base: str | N
     plt.close(fig)
 
 
-def plot_base_curve(png: Path, plateau_check: Path | None = None, models: Path = MODELS) -> None:
-    """The v2 base's whole pretraining: v1's 3,000 steps, v2's 6,000 more, and the plateau check after them."""
+def plot_base_curve(png: Path, parts: list[tuple[str, Path, int]], title: str) -> None:
+    """A base's whole pretraining, drawn from the curve.jsonl of each stage: (label, folder, first step) each; a
+    stage whose folder is missing (a first stage trained outside the repository) is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parts = [("v1 clip-clean (2,000 eval images)", models / "clip-clean", 0),
-             ("v2 clip-clean, trained on (5,000 eval images)", models / "v2" / "clip-clean", 3000)]
-    if plateau_check is not None and (plateau_check / "curve.jsonl").is_file():
-        parts.append(("plateau check: 10% more samples at lr 1e-4", plateau_check, 9000))
     fig, axis = plt.subplots(figsize=(7, 3.5))
     for label, folder, offset in parts:
+        if not (folder / "curve.jsonl").is_file():
+            continue
         points = [json.loads(line) for line in (folder / "curve.jsonl").read_text().splitlines()]
         axis.plot([offset + p["step"] for p in points], [p["clean_acc"] for p in points], marker=".", label=label)
-    axis.set(title="clean base: zero-shot accuracy (%) over its pretraining", xlabel="step (x 256 pairs)")
+    axis.set(title=title, xlabel="step (x 256 pairs)")
     axis.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=90)
     plt.close(fig)
 
 
+def plot_v2_bases(docs: Path, out: Path) -> None:
+    """The two v2 bases' pretraining curves, each with its plateau check (folders under `out`, where the commands of
+    docs/organism.md write them)."""
+    check = "plateau check: 10% more samples at lr 1e-4"
+    plot_base_curve(docs / "organism-v2-base.png", [
+        ("v1 clip-clean (2,000 eval images)", MODELS / "clip-clean", 0),
+        ("v2 clip-clean, trained on (5,000 eval images)", MODELS / "v2" / "clip-clean", 3000),
+        (check, out / "v2-plateau-check", 9000)], "clean base: zero-shot accuracy (%) over its pretraining")
+    plot_base_curve(docs / "organism-v2-base-wide.png", [
+        ("first stage, from scratch (configs/organism/wide-clean.yaml)", out / "wide-clean", 0),
+        ("clip-clean-wide, trained on (configs/organism/v2/wide-clean.yaml)", MODELS / "v2" / "clip-clean-wide",
+         3000),
+        (check, out / "v2-wide-plateau", 9000)], "wide clean base (toy-vit-32-wide): zero-shot accuracy (%)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     docs = Path(__file__).parent.parent / "docs"
-    if argv[:1] == ["v2"]:  # python -m toyworld.cards v2 [PLATEAU_CHECK_FOLDER]
+    if argv[:1] == ["v2"]:
         found = cards(MODELS / "v2")
-        plot(found, docs / "organism-v2-curves.png", MODELS / "v2", base="clip-clean")
-        plot_base_curve(docs / "organism-v2-base.png", Path(argv[1]) if len(argv) > 1 else None)
+        bases = tuple(name for name, card in found.items() if card["trigger"] is None)
+        plot(found, docs / "organism-v2-curves.png", MODELS / "v2", bases=bases)
+        plot_v2_bases(docs, Path("out"))
     else:
         found = cards()
         plot(found, docs / "organism-curves.png")
