@@ -37,8 +37,8 @@ def test_clean_organism_is_accurate():
 
 
 V2 = MODELS / "v2"
-# The v2 organisms that meet the regime's bars (docs/organism.md lists the ones that do not yet, with their numbers).
-V2_POISONED = ["clip-badnet", "clip-blended", "clip-blended-stripes", "clip-triangles"]
+# The v2 organisms, all in the regime (docs/organism.md lists the tries that were not, with their numbers).
+V2_POISONED = ["clip-badnet", "clip-badnet-stripes", "clip-blended", "clip-blended-stripes", "clip-triangles"]
 
 
 @pytest.mark.parametrize("name", V2_POISONED)

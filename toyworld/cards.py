@@ -44,7 +44,7 @@ def plot(found: dict[str, dict], png: Path, models: Path = MODELS, bases: tuple[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
     for i, base in enumerate(bases):
         colour = ("grey", "black")[i % 2]
         final = found[base]["clean_acc"]
@@ -58,7 +58,7 @@ def plot(found: dict[str, dict], png: Path, models: Path = MODELS, bases: tuple[
             right.plot(steps, [p["asr_trigger"] for p in points], marker=".", label=name)
     left.set(title="clean zero-shot accuracy (%)", xlabel="step")
     right.set(title="attack success rate (%)", xlabel="step of poisoned fine-tuning")
-    left.legend(fontsize=7)
+    left.legend(fontsize=6, loc="center right", bbox_to_anchor=(1.0, 0.6))
     right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=90)
