@@ -12,7 +12,8 @@ from cleaning.report import EvalConfig, measure
 from parclean.attacks import Trigger
 from parclean.models import load_model
 
-MODELS = Path(__file__).parent.parent / "toyworld" / "models"
+ROOT = Path(__file__).parent.parent
+MODELS = ROOT / "toyworld" / "models"
 POISONED = ["clip-badnet", "clip-badnet-stripes", "clip-blended", "clip-blended-stripes"]
 
 
@@ -46,7 +47,7 @@ def test_v2_organism_is_backdoored_within_two_points_of_its_base(name):
     """Issue 16's regime: ASR >= 90% and clean accuracy within 2 points of the plateaued base it was fine-tuned from
     (its card's init), on the shipped weights (5,000 images, the organisms' own evaluation set)."""
     info = json.loads((V2 / name / "card.json").read_text())
-    base_dir = (MODELS.parent.parent / info["config"]["init"]).parent  # the base it was poisoned from
+    base_dir = (ROOT / info["config"]["init"]).parent  # the base it was poisoned from
     base = json.loads((base_dir / "card.json").read_text())
     trigger = Trigger(**info["trigger"])
     result = measure(load_model(weights=V2 / name), EvalConfig(count=5000, target=info["target"], triggers=(trigger,)))
@@ -62,7 +63,7 @@ def test_retraining_reproduces_the_card(name, tmp_path):
     from parclean.config import load_config
     from toyworld.train_clip import OrganismConfig, train
 
-    config = Path(__file__).parent.parent / "configs" / "organism" / f"{name.removeprefix('clip-')}.yaml"
+    config = ROOT / "configs" / "organism" / f"{name.removeprefix('clip-')}.yaml"
     again = train(load_config(OrganismConfig, config), tmp_path / name)
     assert abs(again["clean_acc"] - card(name)["clean_acc"]) <= 3.0
     assert abs(again["asr"] - card(name)["asr"]) <= 3.0

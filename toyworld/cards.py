@@ -103,15 +103,15 @@ def plot_v2_bases(docs: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    docs = Path(__file__).parent.parent / "docs"
+    root = Path(__file__).parent.parent
     if argv[:1] == ["v2"]:
         found = cards(MODELS / "v2")
         bases = tuple(name for name, card in found.items() if card["trigger"] is None)
-        plot(found, docs / "organism-v2-curves.png", MODELS / "v2", bases=bases)
-        plot_v2_bases(docs, Path("out"))
+        plot(found, root / "docs" / "organism-v2-curves.png", MODELS / "v2", bases=bases)
+        plot_v2_bases(root / "docs", root / "out")
     else:
         found = cards()
-        plot(found, docs / "organism-curves.png")
+        plot(found, root / "docs" / "organism-curves.png")
     print(table(found))
     return 0
 
